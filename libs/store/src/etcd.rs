@@ -1,0 +1,394 @@
+//! `MetaStore` over a real etcd cluster (etcd-client, v3 API).
+//!
+//! Every request has a deadline, so a dead etcd turns into a prompt
+//! `Unavailable` error instead of a hang; the underlying channel reconnects
+//! by itself when etcd returns.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use etcd_client::{
+    Client, Compare as ECompare, CompareOp as ECompareOp, ConnectOptions, EventType, GetOptions,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn as ETxn, TxnOp as ETxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use futures::StreamExt;
+use tokio::sync::Mutex;
+
+use crate::{
+    Compare, CompareOp, CompareTarget, EventKind, KeyValue, LeaseId, Listing, MetaStore, Op,
+    Revision, StoreError, Txn, TxnResult, WatchBatch, WatchEvent, WatchStream,
+};
+
+/// How to reach etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// Per-request deadline.
+    pub request_timeout: Duration,
+    /// TCP connect deadline.
+    pub connect_timeout: Duration,
+    /// Optional user name and password (etcd auth).
+    pub user: Option<(String, String)>,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(2),
+            user: None,
+        }
+    }
+}
+
+type Keeper = Arc<Mutex<(LeaseKeeper, LeaseKeepAliveStream)>>;
+
+/// A connection to etcd. Cheap to clone.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    endpoints: Arc<Vec<String>>,
+    keepers: Arc<Mutex<HashMap<LeaseId, Keeper>>>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+impl EtcdStore {
+    /// Prepares a client for `endpoints` (`http://host:port` or `host:port`).
+    /// Connecting is lazy: this succeeds while etcd is down and requests
+    /// fail with `Unavailable` until it is up.
+    pub async fn connect(endpoints: &[String], opts: &EtcdOptions) -> Result<Self, StoreError> {
+        if endpoints.is_empty() {
+            return Err(StoreError::Rejected("no etcd endpoints configured".into()));
+        }
+        let mut o = ConnectOptions::new()
+            .with_timeout(opts.request_timeout)
+            .with_connect_timeout(opts.connect_timeout)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        if let Some((user, pass)) = &opts.user {
+            o = o.with_user(user, pass);
+        }
+        let client = Client::connect(endpoints, Some(o))
+            .await
+            .map_err(|e| map_err(&e, endpoints, None))?;
+        Ok(Self {
+            client,
+            endpoints: Arc::new(endpoints.to_vec()),
+            keepers: Arc::default(),
+        })
+    }
+
+    fn err(&self, e: etcd_client::Error) -> StoreError {
+        map_err(&e, &self.endpoints, None)
+    }
+
+    fn lease_err(&self, e: etcd_client::Error, lease: Option<LeaseId>) -> StoreError {
+        map_err(&e, &self.endpoints, lease)
+    }
+}
+
+/// Maps an etcd-client error; `lease` names the lease an operation used, so
+/// "lease not found" (which etcd reports in several shapes) becomes
+/// `LeaseNotFound(lease)`.
+fn map_err(e: &etcd_client::Error, endpoints: &[String], lease: Option<LeaseId>) -> StoreError {
+    use etcd_client::Error as E;
+    let at = endpoints.join(",");
+    if let Some(id) = lease {
+        if e.to_string().contains("lease not found") {
+            return StoreError::LeaseNotFound(id);
+        }
+    }
+    match e {
+        E::GRpcStatus(s) => match s.code() {
+            tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown => {
+                StoreError::Unavailable(format!("etcd at {at}: {}", s.message()))
+            }
+            _ => StoreError::Rejected(format!("etcd at {at}: {:?}: {}", s.code(), s.message())),
+        },
+        E::TransportError(t) => StoreError::Unavailable(format!("etcd at {at}: {t}")),
+        E::IoError(io) => StoreError::Unavailable(format!("etcd at {at}: {io}")),
+        other => StoreError::Rejected(format!("etcd at {at}: {other}")),
+    }
+}
+
+fn kv(k: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(k.key()).into_owned(),
+        value: Bytes::copy_from_slice(k.value()),
+        create_revision: k.create_revision(),
+        mod_revision: k.mod_revision(),
+        version: k.version(),
+        lease: k.lease(),
+    }
+}
+
+fn compare(c: &Compare) -> ECompare {
+    let op = match c.op {
+        CompareOp::Equal => ECompareOp::Equal,
+        CompareOp::NotEqual => ECompareOp::NotEqual,
+        CompareOp::Greater => ECompareOp::Greater,
+        CompareOp::Less => ECompareOp::Less,
+    };
+    match &c.target {
+        CompareTarget::Version(v) => ECompare::version(c.key.as_str(), op, *v),
+        CompareTarget::CreateRevision(r) => ECompare::create_revision(c.key.as_str(), op, *r),
+        CompareTarget::ModRevision(r) => ECompare::mod_revision(c.key.as_str(), op, *r),
+        CompareTarget::Value(v) => ECompare::value(c.key.as_str(), op, v.to_vec()),
+    }
+}
+
+fn txn_op(op: &Op) -> ETxnOp {
+    match op {
+        Op::Put { key, value, lease } => {
+            let opts = lease.map(|l| PutOptions::new().with_lease(l));
+            ETxnOp::put(key.as_str(), value.to_vec(), opts)
+        }
+        Op::Delete { key } => ETxnOp::delete(key.as_str(), None),
+        Op::Get { key } => ETxnOp::get(key.as_str(), None),
+    }
+}
+
+#[async_trait]
+impl MetaStore for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(key, None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp.kvs().first().map(kv))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(Listing {
+            kvs: resp.kvs().iter().map(kv).collect(),
+            revision: resp.header().map_or(0, |h| h.revision()),
+        })
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Bytes,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, StoreError> {
+        let opts = lease.map(|l| PutOptions::new().with_lease(l));
+        let resp = self
+            .client
+            .kv_client()
+            .put(key, value.to_vec(), opts)
+            .await
+            .map_err(|e| self.lease_err(e, lease))?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .delete(key, None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp.deleted() > 0)
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+        let lease_of = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .find_map(|op| match op {
+                Op::Put { lease: Some(l), .. } => Some(*l),
+                _ => None,
+            });
+        let etxn = ETxn::new()
+            .when(txn.compares.iter().map(compare).collect::<Vec<_>>())
+            .and_then(txn.success.iter().map(txn_op).collect::<Vec<_>>())
+            .or_else(txn.failure.iter().map(txn_op).collect::<Vec<_>>());
+        let resp = self
+            .client
+            .kv_client()
+            .txn(etxn)
+            .await
+            .map_err(|e| self.lease_err(e, lease_of))?;
+        let gets = resp
+            .op_responses()
+            .into_iter()
+            .filter_map(|r| match r {
+                TxnOpResponse::Get(g) => Some(g.kvs().first().map(kv)),
+                _ => None,
+            })
+            .collect();
+        Ok(TxnResult {
+            succeeded: resp.succeeded(),
+            revision: resp.header().map_or(0, |h| h.revision()),
+            gets,
+        })
+    }
+
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
+        let mut opts = WatchOptions::new().with_prefix();
+        if from > 0 {
+            opts = opts.with_start_revision(from);
+        }
+        let stream = self
+            .client
+            .watch_client()
+            .watch(prefix, Some(opts))
+            .await
+            .map_err(|e| self.err(e))?;
+        let endpoints = self.endpoints.clone();
+        // The request half must live as long as the stream, or etcd cancels
+        // the watch; it travels inside the unfold state.
+        let out = futures::stream::unfold(Some(stream), move |state| {
+            let endpoints = endpoints.clone();
+            async move {
+                let mut stream = state?;
+                loop {
+                    match stream.message().await {
+                        Ok(Some(resp)) => {
+                            if resp.canceled() || resp.compact_revision() > 0 {
+                                let err = if resp.compact_revision() > 0 {
+                                    StoreError::Compacted {
+                                        requested: from,
+                                        compact_revision: resp.compact_revision(),
+                                    }
+                                } else {
+                                    StoreError::Unavailable(format!(
+                                        "etcd cancelled the watch: {}",
+                                        resp.cancel_reason()
+                                    ))
+                                };
+                                return Some((Err(err), None));
+                            }
+                            if resp.events().is_empty() {
+                                continue; // created / progress notifications
+                            }
+                            let events: Vec<WatchEvent> = resp
+                                .events()
+                                .iter()
+                                .filter_map(|ev| {
+                                    Some(WatchEvent {
+                                        kind: match ev.event_type() {
+                                            EventType::Put => EventKind::Put,
+                                            EventType::Delete => EventKind::Delete,
+                                        },
+                                        kv: kv(ev.kv()?),
+                                    })
+                                })
+                                .collect();
+                            let Some(revision) = events.iter().map(|e| e.kv.mod_revision).max()
+                            else {
+                                continue;
+                            };
+                            return Some((Ok(WatchBatch { revision, events }), Some(stream)));
+                        }
+                        Ok(None) => {
+                            let err = StoreError::Unavailable(format!(
+                                "etcd at {} closed the watch stream",
+                                endpoints.join(",")
+                            ));
+                            return Some((Err(err), None));
+                        }
+                        Err(e) => return Some((Err(map_err(&e, &endpoints, None)), None)),
+                    }
+                }
+            }
+        });
+        Ok(out.boxed())
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let secs = ttl.as_secs().max(1) as i64;
+        let resp = self
+            .client
+            .lease_client()
+            .grant(secs, None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        let keeper = {
+            let mut map = self.keepers.lock().await;
+            match map.get(&lease) {
+                Some(k) => k.clone(),
+                None => {
+                    let pair = self
+                        .client
+                        .lease_client()
+                        .keep_alive(lease)
+                        .await
+                        .map_err(|e| self.lease_err(e, Some(lease)))?;
+                    let k = Arc::new(Mutex::new(pair));
+                    map.insert(lease, k.clone());
+                    k
+                }
+            }
+        };
+        let result = async {
+            let mut guard = keeper.lock().await;
+            let (k, s) = &mut *guard;
+            k.keep_alive()
+                .await
+                .map_err(|e| self.lease_err(e, Some(lease)))?;
+            match s
+                .message()
+                .await
+                .map_err(|e| self.lease_err(e, Some(lease)))?
+            {
+                Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
+                Some(_) => Err(StoreError::LeaseNotFound(lease)),
+                None => Err(StoreError::Unavailable(
+                    "etcd closed the lease keep-alive stream".into(),
+                )),
+            }
+        }
+        .await;
+        if result.is_err() {
+            // Drop a broken stream; the next call opens a fresh one.
+            self.keepers.lock().await.remove(&lease);
+        }
+        result
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.keepers.lock().await.remove(&lease);
+        self.client
+            .lease_client()
+            .revoke(lease)
+            .await
+            .map_err(|e| self.lease_err(e, Some(lease)))?;
+        Ok(())
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.client
+            .kv_client()
+            .compact(revision, None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}
