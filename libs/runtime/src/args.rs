@@ -1,0 +1,86 @@
+//! Command-line arguments (with environment overrides) common to services.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redmesh_store::{EtcdOptions, EtcdStore, Keys, MetaStore, StoreError};
+use redmesh_telemetry::{LogFormat, TelemetryError};
+
+/// Where the metadata lives.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long = "etcd",
+        env = "REDMESH_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub endpoints: Vec<String>,
+    /// Key prefix of all redmesh metadata.
+    #[arg(
+        long = "etcd-prefix",
+        env = "REDMESH_ETCD_PREFIX",
+        default_value = "/redmesh/v1"
+    )]
+    pub prefix: String,
+    /// Deadline of each etcd request.
+    #[arg(long = "etcd-timeout", env = "REDMESH_ETCD_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// etcd user (when etcd auth is enabled).
+    #[arg(long = "etcd-user", env = "REDMESH_ETCD_USER")]
+    pub user: Option<String>,
+    /// etcd password.
+    #[arg(
+        long = "etcd-password",
+        env = "REDMESH_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "user"
+    )]
+    pub password: Option<String>,
+}
+
+impl EtcdArgs {
+    /// Connects (lazily: succeeds while etcd is down).
+    pub async fn connect(&self) -> Result<Arc<dyn MetaStore>, StoreError> {
+        let opts = EtcdOptions {
+            request_timeout: self.timeout,
+            connect_timeout: self.timeout.min(Duration::from_secs(2)),
+            user: self.user.clone().zip(self.password.clone()),
+        };
+        Ok(Arc::new(EtcdStore::connect(&self.endpoints, &opts).await?))
+    }
+
+    /// The key layout under the prefix.
+    pub fn keys(&self) -> Keys {
+        Keys::new(&self.prefix)
+    }
+}
+
+/// Logging and metrics.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TelemetryArgs {
+    /// Address of the Prometheus /metrics endpoint; off when unset.
+    #[arg(long = "metrics-listen", env = "REDMESH_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log format: text or json.
+    #[arg(
+        long = "log-format",
+        env = "REDMESH_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+impl TelemetryArgs {
+    /// Installs logging and, if configured, the metrics endpoint.
+    pub fn init(&self, service: &'static str) -> Result<(), TelemetryError> {
+        redmesh_telemetry::init_logging(service, self.log_format);
+        if let Some(addr) = self.metrics_listen {
+            redmesh_telemetry::init_metrics(service, addr)?;
+            tracing::info!(%addr, "metrics endpoint listening");
+        }
+        Ok(())
+    }
+}

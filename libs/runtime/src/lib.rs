@@ -1,0 +1,15 @@
+//! Service bootstrap shared by every redmesh binary: common command-line
+//! arguments (etcd, telemetry), shutdown on SIGTERM/SIGINT, the gRPC server
+//! with health and reflection, and reconnect backoff.
+//!
+//! Keeping this in one place is what makes every service answer grpcurl,
+//! health probes and Prometheus the same way.
+
+pub mod args;
+pub mod backoff;
+pub mod grpc;
+pub mod shutdown;
+
+pub use args::{EtcdArgs, TelemetryArgs};
+pub use shutdown::shutdown_on_signals;
+pub use tokio_util::sync::CancellationToken;
