@@ -1,0 +1,9 @@
+//! redmesh-broker binary: parse configuration, run until SIGTERM.
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = redmesh_broker::Config::parse();
+    config.telemetry.init("broker")?;
+    redmesh_broker::run(config, redmesh_runtime::shutdown_on_signals()).await
+}
