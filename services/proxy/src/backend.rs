@@ -1,0 +1,395 @@
+//! A multiplexed, pipelined connection to one Redis server, shared by every
+//! client of the proxy.
+//!
+//! Requests from all clients are queued to one writer, which sends whatever
+//! has accumulated in a single write; a reader task matches replies to
+//! requests in FIFO order (Redis answers in order). Only commands without
+//! connection state may use it (no MULTI, SELECT, blocking or pub/sub).
+//!
+//! Failure rules: a request never written is failed with `Unavailable`; a
+//! request written whose reply did not arrive is failed with `Lost` or
+//! `Timeout` — its outcome is unknown, so it must never be reported as OK.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use redmesh_resp::{encode_command, parse_frame, Frame, Limits, ReplyDecoder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most bytes sent in one write; keeps a huge queue from starving the reader.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// Backend failures, each naming the server.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// Could not connect; the request was not sent.
+    #[error("Redis node {addr} is unavailable: {reason}")]
+    Unavailable {
+        /// Server.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The connection broke after the request was sent: outcome unknown.
+    #[error("connection to Redis node {addr} was lost before it replied")]
+    Lost {
+        /// Server.
+        addr: String,
+    },
+    /// No reply in time; the connection was reset: outcome unknown.
+    #[error("Redis node {addr} did not reply within {timeout:?}")]
+    Timeout {
+        /// Server.
+        addr: String,
+        /// The limit.
+        timeout: Duration,
+    },
+}
+
+/// Connection settings.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendOptions {
+    /// TCP connect deadline.
+    pub connect_timeout: Duration,
+    /// Longest wait for one reply before the connection is declared dead.
+    pub reply_timeout: Duration,
+    /// After a failed connect, fail requests at once for this long instead
+    /// of hammering a dead server.
+    pub retry_after: Duration,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_millis(500),
+            reply_timeout: Duration::from_secs(5),
+            retry_after: Duration::from_millis(100),
+        }
+    }
+}
+
+type ReplyTx = oneshot::Sender<Result<Bytes, BackendError>>;
+
+struct Cmd {
+    raw: Bytes,
+    reply: ReplyTx,
+}
+
+/// Handle to one backend connection (cheap to clone).
+#[derive(Clone)]
+pub struct Backend {
+    addr: String,
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend").field("addr", &self.addr).finish()
+    }
+}
+
+/// A pending reply.
+pub type ReplyRx = oneshot::Receiver<Result<Bytes, BackendError>>;
+
+impl Backend {
+    /// Starts the connection driver for `addr` (connects on first use). The
+    /// driver ends when every handle is dropped.
+    pub fn spawn(addr: String, opts: BackendOptions) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(drive(addr.clone(), opts, rx));
+        Self { addr, tx }
+    }
+
+    /// The server address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Queues a raw RESP request; the receiver yields its raw reply.
+    pub fn send(&self, raw: Bytes) -> ReplyRx {
+        let (reply, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(cmd)) = self.tx.send(Cmd { raw, reply }) {
+            let _ = cmd.reply.send(Err(self.lost()));
+        }
+        rx
+    }
+
+    /// Sends a command built from `args` and parses the reply.
+    pub async fn call<A: AsRef<[u8]>>(&self, args: &[A]) -> Result<Frame, BackendError> {
+        let mut buf = BytesMut::new();
+        encode_command(args, &mut buf);
+        let raw = self.send(buf.freeze()).await.map_err(|_| self.lost())??;
+        match parse_frame(&raw) {
+            Ok(Some((frame, _))) => Ok(frame),
+            _ => Err(BackendError::Unavailable {
+                addr: self.addr.clone(),
+                reason: "unparseable reply".into(),
+            }),
+        }
+    }
+
+    /// The error for a request whose reply channel closed.
+    pub fn lost(&self) -> BackendError {
+        BackendError::Lost {
+            addr: self.addr.clone(),
+        }
+    }
+}
+
+async fn drive(addr: String, opts: BackendOptions, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    let mut failed: Option<(Instant, String)> = None;
+    let mut next: Option<Cmd> = None;
+    loop {
+        let cmd = match next.take() {
+            Some(c) => c,
+            None => match rx.recv().await {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        if let Some((at, reason)) = &failed {
+            if at.elapsed() < opts.retry_after {
+                let _ = cmd.reply.send(Err(BackendError::Unavailable {
+                    addr: addr.clone(),
+                    reason: reason.clone(),
+                }));
+                continue;
+            }
+        }
+        let stream =
+            match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(&addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    fail_connect(&addr, cmd, e.to_string(), &mut failed);
+                    continue;
+                }
+                Err(_) => {
+                    fail_connect(
+                        &addr,
+                        cmd,
+                        format!("connect timed out after {:?}", opts.connect_timeout),
+                        &mut failed,
+                    );
+                    continue;
+                }
+            };
+        failed = None;
+        let _ = stream.set_nodelay(true);
+        metrics::counter!("redmesh_proxy_backend_connects_total").increment(1);
+        tracing::debug!(%addr, "backend connected");
+        next = run_connection(&addr, stream, cmd, &mut rx, opts.reply_timeout).await;
+        metrics::counter!("redmesh_proxy_backend_disconnects_total").increment(1);
+    }
+}
+
+fn fail_connect(addr: &str, cmd: Cmd, reason: String, failed: &mut Option<(Instant, String)>) {
+    tracing::warn!(%addr, %reason, "cannot connect to Redis node");
+    metrics::counter!("redmesh_proxy_backend_errors_total", "kind" => "connect").increment(1);
+    let _ = cmd.reply.send(Err(BackendError::Unavailable {
+        addr: addr.to_owned(),
+        reason: reason.clone(),
+    }));
+    *failed = Some((Instant::now(), reason));
+}
+
+/// Pipelines commands over `stream` until it fails. Returns a command taken
+/// off the queue but not yet written, to retry on the next connection.
+async fn run_connection(
+    addr: &str,
+    stream: TcpStream,
+    first: Cmd,
+    rx: &mut mpsc::UnboundedReceiver<Cmd>,
+    reply_timeout: Duration,
+) -> Option<Cmd> {
+    let (rd, mut wr) = stream.into_split();
+    let (inflight_tx, inflight_rx) = mpsc::unbounded_channel::<ReplyTx>();
+    let mut reader = tokio::spawn(read_replies(
+        addr.to_owned(),
+        rd,
+        inflight_rx,
+        reply_timeout,
+    ));
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut pending = Some(first);
+    loop {
+        let cmd = match pending.take() {
+            Some(c) => c,
+            None => tokio::select! {
+                // The reader ended: the connection is dead.
+                _ = &mut reader => return None,
+                c = rx.recv() => match c {
+                    Some(c) => c,
+                    None => {
+                        reader.abort();
+                        return None;
+                    }
+                },
+            },
+        };
+        // Batch everything already queued into one write.
+        let mut batch = vec![cmd];
+        let mut size = batch[0].raw.len();
+        while size < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(c) => {
+                    size += c.raw.len();
+                    batch.push(c);
+                }
+                Err(_) => break,
+            }
+        }
+        buf.clear();
+        for c in batch {
+            buf.extend_from_slice(&c.raw);
+            if let Err(mpsc::error::SendError(reply)) = inflight_tx.send(c.reply) {
+                // Reader gone: this one was not written yet.
+                let _ = reply.send(Err(BackendError::Lost {
+                    addr: addr.to_owned(),
+                }));
+            }
+        }
+        if let Err(e) = wr.write_all(&buf).await {
+            tracing::warn!(%addr, error = %e, "write to Redis node failed");
+            metrics::counter!("redmesh_proxy_backend_errors_total", "kind" => "write").increment(1);
+            // Dropping the reader's queue fails every in-flight request.
+            reader.abort();
+            return None;
+        }
+    }
+}
+
+async fn read_replies(
+    addr: String,
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut inflight: mpsc::UnboundedReceiver<ReplyTx>,
+    reply_timeout: Duration,
+) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut decoder = ReplyDecoder::new(Limits::default());
+    while let Some(reply) = inflight.recv().await {
+        let frame = loop {
+            match decoder.scan(&buf) {
+                Ok(Some(len)) => break Ok(buf.split_to(len).freeze()),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(%addr, error = %e, "Redis node sent an unparseable reply; resetting");
+                    break Err(BackendError::Lost { addr: addr.clone() });
+                }
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(64 * 1024);
+            }
+            match tokio::time::timeout(reply_timeout, rd.read_buf(&mut buf)).await {
+                Ok(Ok(0)) => break Err(BackendError::Lost { addr: addr.clone() }),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(%addr, error = %e, "read from Redis node failed");
+                    break Err(BackendError::Lost { addr: addr.clone() });
+                }
+                Err(_) => {
+                    metrics::counter!("redmesh_proxy_backend_errors_total", "kind" => "timeout")
+                        .increment(1);
+                    break Err(BackendError::Timeout {
+                        addr: addr.clone(),
+                        timeout: reply_timeout,
+                    });
+                }
+            }
+        };
+        let failed = frame.is_err();
+        let _ = reply.send(frame);
+        if failed {
+            // The remaining in-flight requests are failed (Lost) when
+            // `inflight` is dropped here.
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A fake server answering "+<n>" for the n-th request received,
+    /// reading everything it is sent before answering.
+    async fn counting_server() -> (String, tokio::task::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let h = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut n = 0u32;
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let Ok(k) = s.read(&mut buf).await else {
+                    return;
+                };
+                if k == 0 {
+                    return;
+                }
+                let reqs = buf[..k].iter().filter(|&&b| b == b'*').count();
+                let mut out = String::new();
+                for _ in 0..reqs {
+                    n += 1;
+                    out.push_str(&format!("+{n}\r\n"));
+                }
+                if s.write_all(out.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        (addr, h)
+    }
+
+    #[tokio::test]
+    async fn replies_come_back_in_order() {
+        let (addr, _srv) = counting_server().await;
+        let b = Backend::spawn(addr, BackendOptions::default());
+        let rxs: Vec<ReplyRx> = (0..100)
+            .map(|_| b.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n")))
+            .collect();
+        for (i, rx) in rxs.into_iter().enumerate() {
+            assert_eq!(
+                rx.await.unwrap().unwrap(),
+                Bytes::from(format!("+{}\r\n", i + 1))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn dead_server_fails_fast_and_names_it() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let b = Backend::spawn(format!("127.0.0.1:{port}"), BackendOptions::default());
+        let err = b.call(&["PING"]).await.unwrap_err();
+        assert!(matches!(err, BackendError::Unavailable { .. }), "{err}");
+        assert!(err.to_string().contains(&port.to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn silent_server_times_out_instead_of_hanging() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let _srv = tokio::spawn(async move {
+            let (_s, _) = l.accept().await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let opts = BackendOptions {
+            reply_timeout: Duration::from_millis(200),
+            ..BackendOptions::default()
+        };
+        let b = Backend::spawn(addr, opts);
+        let first = b.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"));
+        let second = b.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"));
+        assert!(matches!(
+            first.await.unwrap(),
+            Err(BackendError::Timeout { .. })
+        ));
+        // The second was written too: its outcome is unknown, never OK.
+        assert!(!matches!(second.await, Ok(Ok(_))));
+    }
+}

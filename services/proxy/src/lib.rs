@@ -1,0 +1,253 @@
+//! The proxy: a Redis Cluster protocol endpoint in front of two plain Redis
+//! servers, configured entirely by the topology the broker pushes.
+//!
+//! Pieces: `topology` follows the broker stream, `nodes` reconciles the
+//! local Redis roles, `routing` turns a view into a route table, `session`
+//! serves clients over multiplexed `backend` connections, `admin` answers
+//! the ProxyAdmin gRPC API.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use redmesh_model::{ProxyId, ProxyView};
+use redmesh_resp::Limits;
+use redmesh_runtime::{grpc, CancellationToken, TelemetryArgs};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+use tonic::service::RoutesBuilder;
+
+pub mod admin;
+pub mod backend;
+pub mod nodes;
+pub mod routing;
+pub mod session;
+pub mod topology;
+
+use backend::{Backend, BackendOptions};
+use nodes::NodeReport;
+use routing::RouteTable;
+
+/// Proxy configuration (flags, with `REDMESH_*` environment overrides).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "redmesh-proxy",
+    version,
+    about = "redmesh proxy: Redis Cluster endpoint over plain Redis"
+)]
+pub struct Config {
+    /// This proxy's registered id.
+    #[arg(long, env = "REDMESH_PROXY_ID")]
+    pub id: String,
+    /// RESP listen address for clients.
+    #[arg(long, env = "REDMESH_PROXY_LISTEN", default_value = "127.0.0.1:7001")]
+    pub listen: String,
+    /// ProxyAdmin gRPC listen address.
+    #[arg(
+        long,
+        env = "REDMESH_PROXY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:7101"
+    )]
+    pub admin_listen: String,
+    /// Broker gRPC URLs, comma-separated; the proxy follows any that answers.
+    #[arg(
+        long = "broker",
+        env = "REDMESH_BROKERS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:7400"
+    )]
+    pub brokers: Vec<String>,
+    /// Longest wait for a reply from a local Redis node.
+    #[arg(long, env = "REDMESH_PROXY_BACKEND_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub backend_timeout: Duration,
+    /// Largest bulk string accepted from clients, in bytes.
+    #[arg(long, env = "REDMESH_PROXY_MAX_BULK_LEN", default_value_t = 512 * 1024 * 1024)]
+    pub max_bulk_len: usize,
+    /// Most arguments in one client request.
+    #[arg(long, env = "REDMESH_PROXY_MAX_MULTIBULK_LEN", default_value_t = 1024 * 1024)]
+    pub max_multibulk_len: usize,
+    /// Logging and metrics.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+/// Runs the proxy until `shutdown`, then drains client connections.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let proxy_id = ProxyId::parse(&config.id).context("invalid --id")?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen for clients on {}", config.listen))?;
+    let admin_listener = grpc::bind(&config.admin_listen).await?;
+    let feed = topology::spawn(config.brokers.clone(), proxy_id.clone(), shutdown.clone());
+    let (table_tx, table_rx) = watch::channel(Arc::new(RouteTable::empty()));
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let opts = BackendOptions {
+        reply_timeout: config.backend_timeout,
+        ..BackendOptions::default()
+    };
+    tokio::spawn(reconcile_loop(
+        feed.subscribe(),
+        table_tx,
+        reports.clone(),
+        opts,
+        shutdown.clone(),
+    ));
+    tokio::spawn(report_freshness(feed.clone(), shutdown.clone()));
+    let shared = Arc::new(session::Shared {
+        proxy_id: proxy_id.clone(),
+        table: table_rx.clone(),
+        limits: Limits {
+            max_bulk_len: config.max_bulk_len,
+            max_multibulk_len: config.max_multibulk_len,
+            ..Limits::default()
+        },
+        next_client_id: AtomicU64::new(1),
+        clients: AtomicU64::new(0),
+    });
+    let admin = admin::Admin {
+        shared: shared.clone(),
+        feed,
+        table: table_rx,
+        reports,
+        started_at: SystemTime::now(),
+    };
+    let mut routes = RoutesBuilder::default();
+    routes.add_service(redmesh_api::v1::proxy_admin_server::ProxyAdminServer::new(
+        admin,
+    ));
+    let health = grpc::with_health_and_reflection(&mut routes, &["redmesh.v1.ProxyAdmin"]).await?;
+    let admin_task = tokio::spawn(grpc::serve(
+        admin_listener,
+        routes,
+        Some(health),
+        shutdown.clone(),
+    ));
+    tracing::info!(id = %proxy_id, listen = %config.listen, admin = %config.admin_listen, brokers = ?config.brokers, "proxy serving");
+
+    let sessions = TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let shared = shared.clone();
+                    let stop = shutdown.clone();
+                    sessions.spawn(async move {
+                        shared.clients.fetch_add(1, Ordering::Relaxed);
+                        metrics::gauge!("redmesh_proxy_client_connections").increment(1.0);
+                        session::serve(stream, shared.clone(), stop).await;
+                        shared.clients.fetch_sub(1, Ordering::Relaxed);
+                        metrics::gauge!("redmesh_proxy_client_connections").decrement(1.0);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    sessions.close();
+    if tokio::time::timeout(session::DRAIN_TIMEOUT, sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some client connections did not drain in time");
+    }
+    let _ = admin_task.await;
+    tracing::info!("proxy stopped");
+    Ok(())
+}
+
+/// Re-check the local nodes this often even when nothing changed, so a
+/// Redis that restarted and forgot its role is corrected.
+const VERIFY_EVERY: Duration = Duration::from_secs(5);
+/// Retry this often while a node is not ready.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// Applies every new view to the local nodes, then publishes its route
+/// table. A view whose node plan equals the last applied one is installed
+/// at once; nodes are re-checked every `VERIFY_EVERY` and retried every
+/// `RETRY_EVERY` while not ready.
+async fn reconcile_loop(
+    mut views: watch::Receiver<Option<Arc<ProxyView>>>,
+    table_tx: watch::Sender<Arc<RouteTable>>,
+    reports_out: Arc<Mutex<Vec<NodeReport>>>,
+    opts: BackendOptions,
+    shutdown: CancellationToken,
+) {
+    let mut pool: HashMap<String, Backend> = HashMap::new();
+    let mut current: Option<Arc<ProxyView>> = None;
+    let mut applied: Option<(nodes::Plan, Vec<NodeReport>)> = None;
+    loop {
+        let settled = applied
+            .as_ref()
+            .is_none_or(|(_, r)| r.iter().all(NodeReport::ready));
+        let wait = if settled { VERIFY_EVERY } else { RETRY_EVERY };
+        let mut recheck = false;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = views.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                current = views.borrow_and_update().clone();
+            }
+            _ = tokio::time::sleep(wait), if current.is_some() => recheck = true,
+        }
+        let Some(view) = current.clone() else {
+            continue;
+        };
+        let Some(proxy) = view.proxy.as_ref() else {
+            table_tx.send_replace(Arc::new(RouteTable::build_unregistered(&view)));
+            applied = None;
+            continue;
+        };
+        let addrs = proxy.spec.redis_nodes.clone().map(|a| a.to_string());
+        pool.retain(|a, _| addrs.contains(a));
+        let nodes = addrs.map(|a| {
+            pool.entry(a.clone())
+                .or_insert_with(|| Backend::spawn(a, opts))
+                .clone()
+        });
+        let plan = nodes::plan(&view);
+        let reports = match &applied {
+            Some((last, reports))
+                if !recheck && *last == plan && reports.iter().all(NodeReport::ready) =>
+            {
+                reports.clone()
+            }
+            _ => nodes::apply(&plan, &nodes).await,
+        };
+        *reports_out.lock().unwrap_or_else(|e| e.into_inner()) = reports.clone();
+        let table = RouteTable::build(&view, &nodes, &reports);
+        if table.epoch != table_tx.borrow().epoch || !recheck {
+            tracing::info!(
+                epoch = table.epoch,
+                serving = table.serving.is_ok(),
+                "route table installed"
+            );
+        }
+        table_tx.send_replace(Arc::new(table));
+        applied = Some((plan, reports));
+    }
+}
+
+/// Exports how old the topology is, every second.
+async fn report_freshness(feed: topology::TopologyFeed, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                if let Some(age) = feed.age() {
+                    metrics::gauge!("redmesh_proxy_topology_age_seconds").set(age.as_secs_f64());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Reconciling the proxy's two local Redis nodes with the topology: roles
+//! (`REPLICAOF`), ownership, and wiping when the proxy returns to the pool.
+//!
+//! Ownership: a master node carries the uid of the cluster whose data it
+//! holds in a marker key in database 1 (clients only ever see database 0).
+//! A node holding another cluster's marker has stale data from a deleted
+//! cluster and is flushed before it serves; a node holding keys but no
+//! marker has data redmesh did not write, and is never served nor flushed —
+//! the operator must decide. This is what keeps one tenant's keys from ever
+//! reaching another tenant.
+
+use redmesh_model::{Address, NodeRole, ProxyState, ProxyView};
+use redmesh_resp::Frame;
+
+use crate::backend::{Backend, BackendError};
+
+/// Marker key (database 1) holding the owning cluster's uid.
+pub const MARKER_KEY: &str = "redmesh:cluster-uid";
+
+/// Claims an empty node for a cluster, or reports who owns it. Runs as one
+/// script so the check and the claim are atomic; SELECT inside a script
+/// does not change the connection's database (Redis >= 7).
+const CLAIM_SCRIPT: &str = r#"
+redis.call('select', 1)
+local cur = redis.call('get', KEYS[1])
+if cur == ARGV[1] then return 'same' end
+if cur then return 'other' end
+redis.call('select', 0)
+if redis.call('dbsize') > 0 then return 'foreign' end
+redis.call('select', 1)
+redis.call('set', KEYS[1], ARGV[1])
+return 'claimed'
+"#;
+
+/// Tells whether a node holds redmesh data (a marker).
+const HAS_MARKER_SCRIPT: &str = r#"
+redis.call('select', 1)
+return redis.call('exists', KEYS[1])
+"#;
+
+/// What the proxy wants of one local node, and how applying it went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeReport {
+    /// Node address.
+    pub addr: String,
+    /// Desired role.
+    pub role: NodeRole,
+    /// For a replica: its master's address.
+    pub master_addr: Option<String>,
+    /// `Ok` once the role is applied and (for masters) ownership verified.
+    pub outcome: Result<(), String>,
+}
+
+impl NodeReport {
+    /// Whether the node may serve clients.
+    pub fn ready(&self) -> bool {
+        self.outcome.is_ok()
+    }
+}
+
+fn text(f: &Frame) -> Option<String> {
+    f.as_bytes()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+fn backend_err(e: BackendError) -> String {
+    e.to_string()
+}
+
+fn reply_ok(f: Frame, what: &str) -> Result<Frame, String> {
+    match f {
+        Frame::Error(e) => Err(format!("{what}: {}", String::from_utf8_lossy(&e))),
+        other => Ok(other),
+    }
+}
+
+/// Current replication state: `None` for master, `Some((host, port))` for a replica.
+async fn current_master(node: &Backend) -> Result<Option<(String, String)>, String> {
+    let role = reply_ok(node.call(&["ROLE"]).await.map_err(backend_err)?, "ROLE")?;
+    let Frame::Array(items) = role else {
+        return Err("ROLE returned a non-array".into());
+    };
+    match items.first().and_then(text).as_deref() {
+        Some("master") => Ok(None),
+        Some("slave") => {
+            let host = items.get(1).and_then(text).unwrap_or_default();
+            let port = match items.get(2) {
+                Some(Frame::Integer(p)) => p.to_string(),
+                other => other.and_then(text).unwrap_or_default(),
+            };
+            Ok(Some((host, port)))
+        }
+        other => Err(format!("unexpected ROLE {other:?}")),
+    }
+}
+
+async fn ensure_master(node: &Backend) -> Result<(), String> {
+    if current_master(node).await?.is_some() {
+        tracing::info!(
+            node = node.addr(),
+            "promoting local node to master (REPLICAOF NO ONE)"
+        );
+        reply_ok(
+            node.call(&["REPLICAOF", "NO", "ONE"])
+                .await
+                .map_err(backend_err)?,
+            "REPLICAOF NO ONE",
+        )?;
+    }
+    Ok(())
+}
+
+async fn ensure_replica_of(node: &Backend, host: &str, port: u16) -> Result<(), String> {
+    let port = port.to_string();
+    if current_master(node).await? == Some((host.to_owned(), port.clone())) {
+        return Ok(());
+    }
+    tracing::info!(node = node.addr(), master = %format!("{host}:{port}"), "making local node a replica");
+    reply_ok(
+        node.call(&["REPLICAOF", host, &port])
+            .await
+            .map_err(backend_err)?,
+        "REPLICAOF",
+    )?;
+    Ok(())
+}
+
+/// Runs the claim script: "same", "claimed", "other" or "foreign".
+async fn claim_once(node: &Backend, uid: &str) -> Result<String, String> {
+    let reply = node
+        .call(&["EVAL", CLAIM_SCRIPT, "1", MARKER_KEY, uid])
+        .await
+        .map_err(backend_err)?;
+    reply_ok(reply, "ownership check").map(|f| text(&f).unwrap_or_default())
+}
+
+async fn claim(node: &Backend, uid: &str) -> Result<(), String> {
+    match claim_once(node, uid).await?.as_str() {
+        "same" | "claimed" => Ok(()),
+        "other" => {
+            tracing::warn!(
+                node = node.addr(),
+                "node holds data of a deleted cluster; flushing it before serving"
+            );
+            reply_ok(
+                node.call(&["FLUSHALL", "ASYNC"])
+                    .await
+                    .map_err(backend_err)?,
+                "FLUSHALL",
+            )?;
+            match claim_once(node, uid).await?.as_str() {
+                "same" | "claimed" => Ok(()),
+                other => Err(format!(
+                    "could not claim the node after flushing it ({other})"
+                )),
+            }
+        }
+        "foreign" => Err(format!(
+            "node {} holds keys redmesh did not write; refusing to serve them to this cluster \
+             (inspect the node, then FLUSHALL it to release it)",
+            node.addr()
+        )),
+        other => Err(format!("unexpected ownership answer {other:?}")),
+    }
+}
+
+/// Empties a node that holds redmesh data, after stopping replication.
+async fn wipe(node: &Backend) -> Result<(), String> {
+    ensure_master(node).await?;
+    let has = reply_ok(
+        node.call(&["EVAL", HAS_MARKER_SCRIPT, "1", MARKER_KEY])
+            .await
+            .map_err(backend_err)?,
+        "marker check",
+    )?;
+    if has == Frame::Integer(1) {
+        tracing::info!(
+            node = node.addr(),
+            "proxy returned to the pool; wiping its cluster data"
+        );
+        reply_ok(
+            node.call(&["FLUSHALL", "ASYNC"])
+                .await
+                .map_err(backend_err)?,
+            "FLUSHALL",
+        )?;
+    }
+    Ok(())
+}
+
+/// What one local node should be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeTask {
+    /// Its role.
+    pub role: NodeRole,
+    /// For a replica: its master's address, or why it is unknown.
+    pub master: Option<Result<Address, String>>,
+}
+
+/// What the topology asks of the local nodes. Two equal plans need the same
+/// work, so a view that changes nothing here (a password change, another
+/// proxy's address) does not touch Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Leave the nodes alone: the proxy is unregistered or failed (its data
+    /// may be the last copy), or the metadata is inconsistent.
+    Untouched,
+    /// Back in the pool: stop replicating and wipe redmesh data.
+    Wipe,
+    /// Serve the cluster with this uid.
+    Serve {
+        /// Cluster uid (ownership marker).
+        uid: String,
+        /// Per node, in `redis_nodes` order.
+        nodes: [NodeTask; 2],
+    },
+}
+
+/// The plan for `view`.
+pub fn plan(view: &ProxyView) -> Plan {
+    let Some(proxy) = view.proxy.as_ref() else {
+        return Plan::Untouched;
+    };
+    match (proxy.state, view.cluster.as_ref()) {
+        (ProxyState::Free, _) => Plan::Wipe,
+        (ProxyState::Allocated, Some(cluster)) => Plan::Serve {
+            uid: cluster.uid.clone(),
+            nodes: cluster.node_roles(&view.proxy_id).map(|role| {
+                let master = match &role {
+                    NodeRole::Replica { master, .. } => Some(
+                        view.member(&master.proxy_id)
+                            .and_then(|p| p.node_address(master.node_index))
+                            .cloned()
+                            .ok_or_else(|| {
+                                format!("master node of proxy {} is unknown", master.proxy_id)
+                            }),
+                    ),
+                    _ => None,
+                };
+                NodeTask { role, master }
+            }),
+        },
+        _ => Plan::Untouched,
+    }
+}
+
+/// Carries out `plan` on the local nodes (`nodes[i]` is `redis_nodes[i]`)
+/// and reports per node. Idempotent: only what differs is changed.
+pub async fn apply(plan: &Plan, nodes: &[Backend; 2]) -> Vec<NodeReport> {
+    let mut out = Vec::new();
+    match plan {
+        Plan::Untouched => {}
+        Plan::Wipe => {
+            for node in nodes {
+                out.push(NodeReport {
+                    addr: node.addr().to_owned(),
+                    role: NodeRole::Idle,
+                    master_addr: None,
+                    outcome: wipe(node).await,
+                });
+            }
+        }
+        Plan::Serve { uid, nodes: tasks } => {
+            for (node, task) in nodes.iter().zip(tasks) {
+                let outcome = match (&task.role, &task.master) {
+                    (NodeRole::Master { .. }, _) => {
+                        async {
+                            ensure_master(node).await?;
+                            claim(node, uid).await
+                        }
+                        .await
+                    }
+                    (NodeRole::Replica { .. }, Some(Ok(addr))) => {
+                        ensure_replica_of(node, addr.host(), addr.port()).await
+                    }
+                    (NodeRole::Replica { .. }, Some(Err(why))) => Err(why.clone()),
+                    // Leave an idle node's data and replication alone: it
+                    // may be the last copy after a failure.
+                    _ => Ok(()),
+                };
+                if let Err(e) = &outcome {
+                    tracing::warn!(node = node.addr(), error = %e, "local node not ready");
+                }
+                out.push(NodeReport {
+                    addr: node.addr().to_owned(),
+                    role: task.role.clone(),
+                    master_addr: task
+                        .master
+                        .clone()
+                        .and_then(Result::ok)
+                        .map(|a| a.to_string()),
+                    outcome,
+                });
+            }
+        }
+    }
+    out
+}
