@@ -1,0 +1,521 @@
+//! redmeshctl: the operator CLI over the redmesh gRPC API.
+//!
+//! Human tables by default, the API's canonical JSON with `--json`. Exit
+//! codes scripts can rely on: 0 success, 1 the server refused (the gRPC
+//! status is printed), 2 bad usage, 3 the broker is unreachable.
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use redmesh_api::v1::{self, broker_client::BrokerClient, topology_client::TopologyClient};
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "redmeshctl",
+    version,
+    about = "Manage redmesh proxies and clusters"
+)]
+struct Cli {
+    /// Broker gRPC URL.
+    #[arg(
+        long,
+        global = true,
+        env = "REDMESH_BROKER",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    broker: String,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage the proxy pool.
+    #[command(subcommand)]
+    Proxy(ProxyCmd),
+    /// Manage clusters.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Observe topology streams.
+    #[command(subcommand)]
+    Topology(TopologyCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ProxyCmd {
+    /// Add a proxy to the pool (or update its addresses).
+    Register(RegisterArgs),
+    /// List proxies.
+    List {
+        /// Only proxies in this state: free, allocated or failed.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Show one proxy.
+    Get {
+        /// Proxy id.
+        id: String,
+    },
+    /// Remove a proxy that serves no cluster.
+    Remove {
+        /// Proxy id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RegisterArgs {
+    /// Stable proxy id.
+    #[arg(long)]
+    id: String,
+    /// host:port clients connect to.
+    #[arg(long)]
+    resp: String,
+    /// host:port of the proxy's admin gRPC server.
+    #[arg(long)]
+    admin: String,
+    /// Failure domain (machine, rack, zone).
+    #[arg(long)]
+    host: String,
+    /// The two local Redis nodes, host:port,host:port.
+    #[arg(long, value_delimiter = ',', required = true)]
+    redis: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCmd {
+    /// Create a cluster from free proxies.
+    Create {
+        /// Cluster name.
+        name: String,
+        /// Number of Redis nodes (a multiple of 4).
+        #[arg(long)]
+        nodes: u32,
+        /// Read the AUTH password clients must use from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Show one cluster.
+    Get {
+        /// Cluster name.
+        name: String,
+    },
+    /// List clusters.
+    List,
+    /// Delete a cluster and return its proxies to the pool (its data is wiped).
+    Delete {
+        /// Cluster name.
+        name: String,
+    },
+    /// Change a cluster's password (read from standard input; empty removes it).
+    SetPassword {
+        /// Cluster name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopologyCmd {
+    /// Stream the topology views of one proxy (Ctrl-C to stop).
+    Watch {
+        /// Proxy id.
+        proxy: String,
+        /// Also print keepalives.
+        #[arg(long)]
+        keepalives: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(status) = e.downcast_ref::<tonic::Status>() {
+                eprintln!("error: {}: {}", code_name(status.code()), status.message());
+                return ExitCode::from(if status.code() == tonic::Code::Unavailable {
+                    3
+                } else {
+                    1
+                });
+            }
+            if e.downcast_ref::<tonic::transport::Error>().is_some() {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(3);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn code_name(code: tonic::Code) -> String {
+    format!("{code:?}")
+        .chars()
+        .flat_map(|c| {
+            if c.is_uppercase() {
+                vec!['_', c]
+            } else {
+                vec![c.to_ascii_uppercase()]
+            }
+        })
+        .collect::<String>()
+        .trim_start_matches('_')
+        .to_owned()
+}
+
+async fn channel(url: &str) -> anyhow::Result<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("invalid broker URL {url:?}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30));
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(format!("cannot reach the broker at {url}")))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn table(headers: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY)
+        .set_header(headers.iter().copied());
+    t
+}
+
+fn state_name(raw: i32) -> &'static str {
+    match v1::ProxyState::try_from(raw) {
+        Ok(v1::ProxyState::Free) => "free",
+        Ok(v1::ProxyState::Allocated) => "allocated",
+        Ok(v1::ProxyState::Failed) => "failed",
+        _ => "?",
+    }
+}
+
+fn print_proxies(proxies: &[v1::Proxy]) {
+    let mut t = table(&[
+        "ID",
+        "STATE",
+        "CLUSTER",
+        "HOST",
+        "RESP",
+        "ADMIN",
+        "REDIS NODES",
+        "EPOCH",
+    ]);
+    for p in proxies {
+        let s = p.spec.clone().unwrap_or_default();
+        t.add_row(vec![
+            s.id,
+            state_name(p.state).to_owned(),
+            p.cluster.clone(),
+            s.host,
+            s.resp_address,
+            s.admin_address,
+            s.redis_nodes.join(","),
+            p.epoch.to_string(),
+        ]);
+    }
+    println!("{t}");
+}
+
+fn slot_summary(c: &v1::Cluster) -> Vec<(u32, String)> {
+    c.slots
+        .iter()
+        .map(|a| {
+            let r = a.range.unwrap_or_default();
+            (a.shard_id, format!("{}-{}", r.start, r.end))
+        })
+        .collect()
+}
+
+fn print_cluster(c: &v1::Cluster, proxies: &[v1::Proxy]) {
+    let cfg = c.config.clone().unwrap_or_default();
+    println!("cluster   {}", c.name);
+    println!("uid       {}", c.uid);
+    println!("nodes     {} ({} chunks)", c.node_count, c.chunks.len());
+    println!("epoch     {}", c.epoch);
+    println!(
+        "password  {}",
+        if cfg.password_set { "set" } else { "none" }
+    );
+    let mut t = table(&[
+        "SHARD",
+        "MASTER (proxy/node)",
+        "REPLICAS",
+        "SLOTS",
+        "CLIENT ADDRESS",
+    ]);
+    let slots = slot_summary(c);
+    for s in &c.shards {
+        let m = s.master.clone().unwrap_or_default();
+        let addr = proxies
+            .iter()
+            .find(|p| p.spec.as_ref().is_some_and(|s| s.id == m.proxy_id))
+            .and_then(|p| p.spec.as_ref().map(|s| s.resp_address.clone()))
+            .unwrap_or_default();
+        let replicas: Vec<String> = s
+            .replicas
+            .iter()
+            .map(|r| format!("{}/{}", r.proxy_id, r.node_index))
+            .collect();
+        let ranges: Vec<String> = slots
+            .iter()
+            .filter(|(id, _)| *id == s.id)
+            .map(|(_, r)| r.clone())
+            .collect();
+        t.add_row(vec![
+            s.id.to_string(),
+            format!("{}/{}", m.proxy_id, m.node_index),
+            replicas.join(","),
+            ranges.join(","),
+            addr,
+        ]);
+    }
+    println!("{t}");
+}
+
+fn read_password() -> anyhow::Result<String> {
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("reading the password from standard input")?;
+    Ok(s.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ch = channel(&cli.broker).await?;
+    let mut broker = BrokerClient::new(ch.clone());
+    match cli.command {
+        Command::Proxy(cmd) => match cmd {
+            ProxyCmd::Register(a) => {
+                let resp = broker
+                    .register_proxy(v1::RegisterProxyRequest {
+                        proxy: Some(v1::ProxySpec {
+                            id: a.id,
+                            resp_address: a.resp,
+                            admin_address: a.admin,
+                            host: a.host,
+                            redis_nodes: a.redis,
+                        }),
+                    })
+                    .await?
+                    .into_inner();
+                if cli.json {
+                    return print_json(&resp);
+                }
+                let p = resp.proxy.unwrap_or_default();
+                let id = p.spec.map(|s| s.id).unwrap_or_default();
+                println!(
+                    "proxy {id} {} ({})",
+                    if resp.changed {
+                        "registered"
+                    } else {
+                        "unchanged"
+                    },
+                    state_name(p.state)
+                );
+            }
+            ProxyCmd::List { state } => {
+                let state = match state.as_deref() {
+                    None => v1::ProxyState::Unspecified,
+                    Some("free") => v1::ProxyState::Free,
+                    Some("allocated") => v1::ProxyState::Allocated,
+                    Some("failed") => v1::ProxyState::Failed,
+                    Some(other) => {
+                        anyhow::bail!("unknown state {other:?}: free, allocated or failed")
+                    }
+                };
+                let resp = broker
+                    .list_proxies(v1::ListProxiesRequest {
+                        state: state as i32,
+                    })
+                    .await?
+                    .into_inner();
+                if cli.json {
+                    return print_json(&resp);
+                }
+                print_proxies(&resp.proxies);
+            }
+            ProxyCmd::Get { id } => {
+                let resp = broker
+                    .get_proxy(v1::GetProxyRequest { id })
+                    .await?
+                    .into_inner();
+                if cli.json {
+                    return print_json(&resp);
+                }
+                print_proxies(&resp.proxy.into_iter().collect::<Vec<_>>());
+            }
+            ProxyCmd::Remove { id } => {
+                let resp = broker
+                    .deregister_proxy(v1::DeregisterProxyRequest { id: id.clone() })
+                    .await?
+                    .into_inner();
+                if cli.json {
+                    return print_json(&resp);
+                }
+                println!("proxy {id} removed");
+            }
+        },
+        Command::Cluster(cmd) => match cmd {
+            ClusterCmd::Create {
+                name,
+                nodes,
+                password_stdin,
+            } => {
+                let password = if password_stdin {
+                    read_password()?
+                } else {
+                    String::new()
+                };
+                let resp = broker
+                    .create_cluster(v1::CreateClusterRequest {
+                        name,
+                        node_count: nodes,
+                        config: Some(v1::ClusterConfig {
+                            password,
+                            ..Default::default()
+                        }),
+                    })
+                    .await?
+                    .into_inner();
+                if cli.json {
+                    return print_json(&resp);
+                }
+                let c = resp.cluster.unwrap_or_default();
+                let got = broker
+                    .get_cluster(v1::GetClusterRequest {
+                        name: c.name.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                print_cluster(&c, &got.proxies);
+            }
+            ClusterCmd::Get { name } => {
+                let resp = broker
+                    .get_cluster(v1::GetClusterRequest { name })
+                    .await?
+                    .into_inner();
+                if cli.json {
+                    return print_json(&resp);
+                }
+                print_cluster(&resp.cluster.unwrap_or_default(), &resp.proxies);
+            }
+            ClusterCmd::List => {
+                let resp = broker
+                    .list_clusters(v1::ListClustersRequest {})
+                    .await?
+                    .into_inner();
+                if cli.json {
+                    return print_json(&resp);
+                }
+                let mut t = table(&["NAME", "NODES", "SHARDS", "EPOCH", "PASSWORD", "PROXIES"]);
+                for c in &resp.clusters {
+                    let proxies: Vec<String> = c
+                        .chunks
+                        .iter()
+                        .flat_map(|ch| ch.proxy_ids.clone())
+                        .collect();
+                    t.add_row(vec![
+                        c.name.clone(),
+                        c.node_count.to_string(),
+                        c.shards.len().to_string(),
+                        c.epoch.to_string(),
+                        if c.config.as_ref().is_some_and(|c| c.password_set) {
+                            "set"
+                        } else {
+                            "none"
+                        }
+                        .to_owned(),
+                        proxies.join(","),
+                    ]);
+                }
+                println!("{t}");
+            }
+            ClusterCmd::Delete { name } => {
+                let resp = broker
+                    .delete_cluster(v1::DeleteClusterRequest { name: name.clone() })
+                    .await?
+                    .into_inner();
+                if cli.json {
+                    return print_json(&resp);
+                }
+                println!(
+                    "cluster {name} deleted; proxies returned to the pool: {}",
+                    resp.freed_proxies.join(", ")
+                );
+            }
+            ClusterCmd::SetPassword { name } => {
+                let password = read_password()?;
+                let resp = broker
+                    .update_cluster_config(v1::UpdateClusterConfigRequest {
+                        name: name.clone(),
+                        config: Some(v1::ClusterConfig {
+                            password,
+                            ..Default::default()
+                        }),
+                        update_paths: vec!["password".into()],
+                    })
+                    .await?
+                    .into_inner();
+                if cli.json {
+                    return print_json(&resp);
+                }
+                let set = resp
+                    .cluster
+                    .and_then(|c| c.config)
+                    .is_some_and(|c| c.password_set);
+                println!(
+                    "cluster {name}: password {}",
+                    if set { "set" } else { "removed" }
+                );
+            }
+        },
+        Command::Topology(TopologyCmd::Watch { proxy, keepalives }) => {
+            let mut client = TopologyClient::new(ch);
+            let mut stream = client
+                .watch_topology(v1::WatchTopologyRequest {
+                    proxy_id: proxy,
+                    known_epoch: 0,
+                })
+                .await?
+                .into_inner();
+            while let Some(msg) = stream.message().await? {
+                use v1::watch_topology_response::Event;
+                match &msg.event {
+                    Some(Event::Keepalive(_)) if !keepalives => continue,
+                    _ if cli.json => println!("{}", serde_json::to_string(&msg)?),
+                    Some(Event::View(v)) => {
+                        let state = v
+                            .proxy
+                            .as_ref()
+                            .map_or("unregistered", |p| state_name(p.state));
+                        let cluster = v.cluster.as_ref().map_or("-", |c| c.name.as_str());
+                        println!(
+                            "epoch {} state {state} cluster {cluster} members {}",
+                            v.epoch,
+                            v.members.len()
+                        );
+                    }
+                    Some(Event::Keepalive(k)) => println!("keepalive epoch {}", k.epoch),
+                    None => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}

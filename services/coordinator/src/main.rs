@@ -1,0 +1,9 @@
+//! redmesh-coordinator binary: parse configuration, run until SIGTERM.
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = redmesh_coordinator::Config::parse();
+    config.telemetry.init("coordinator")?;
+    redmesh_coordinator::run(config, redmesh_runtime::shutdown_on_signals()).await
+}

@@ -1,0 +1,9 @@
+//! redmesh-health-checker binary: parse configuration, run until SIGTERM.
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = redmesh_health_checker::Config::parse();
+    config.telemetry.init("health-checker")?;
+    redmesh_health_checker::run(config, redmesh_runtime::shutdown_on_signals()).await
+}

@@ -1,0 +1,9 @@
+//! redmesh-migrator binary: parse configuration, run until SIGTERM.
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = redmesh_migrator::Config::parse();
+    config.telemetry.init("migrator")?;
+    redmesh_migrator::run(config, redmesh_runtime::shutdown_on_signals()).await
+}
