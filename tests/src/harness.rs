@@ -1,0 +1,232 @@
+//! Real etcd and redis-server instances for tests, plus the location of the
+//! built redmesh binaries.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::{free_port, Child};
+
+/// Polls `ready` every 20 ms until it holds; panics after `timeout`
+/// naming `what` (`ready` itself panics with details on fatal conditions).
+pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        if Instant::now() > deadline {
+            panic!("{what} not ready after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends raw bytes on a fresh connection and returns what comes back: reads
+/// until the reply ends with CRLF and nothing more arrives for 50 ms, or 2 s
+/// pass (so a slow, loaded machine does not truncate replies).
+pub fn raw_exchange(addr: &str, request: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr)?;
+    s.write_all(request)?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let settled = out.ends_with(b"\r\n");
+        let wait = if settled {
+            Duration::from_millis(50)
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        if wait.is_zero() {
+            return Ok(out);
+        }
+        s.set_read_timeout(Some(wait))?;
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if settled || out.is_empty() && Instant::now() >= deadline {
+                    return Ok(out);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !out.is_empty() => {
+                return Ok(out)
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Directory holding the built redmesh binaries: `$REDMESH_BIN_DIR`, else
+/// the cargo target directory of this test binary.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("REDMESH_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/<profile>/deps/<test-binary>
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .map(PathBuf::from)
+        .expect("test binary lives in target/<profile>/deps")
+}
+
+/// Path of a built binary; panics with a hint if it has not been built.
+pub fn bin_path(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run `cargo build --workspace --bins` first (./tests/run.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A single-node etcd on free ports with its data in a temp dir.
+pub struct Etcd {
+    /// Client URL, `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it reports healthy.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "n1", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("n1={peer_url}"),
+                "--initial-cluster-state",
+                "new",
+            ])
+            .args([
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+                "--log-level",
+                "warn",
+            ]);
+        let mut child = Child::spawn("etcd", cmd, &dir.path().join("etcd.log"));
+        let addr = format!("127.0.0.1:{client}");
+        wait_until("etcd", Duration::from_secs(20), || {
+            assert!(!child.exited(), "etcd exited:\n{}", child.log_tail());
+            raw_exchange(&addr, b"GET /health HTTP/1.0\r\n\r\n")
+                .map(|r| String::from_utf8_lossy(&r).contains("\"health\":\"true\""))
+                .unwrap_or(false)
+        });
+        Self {
+            endpoint,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// Kills etcd (SIGKILL).
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+}
+
+/// A plain redis-server (no persistence) on a free port.
+pub struct Redis {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The port.
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis").field("addr", &self.addr).finish()
+    }
+}
+
+impl Redis {
+    /// Starts redis-server with extra `args` and waits for PONG.
+    pub fn start_with(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .args(args);
+        let mut child = Child::spawn("redis-server", cmd, &dir.path().join("redis.log"));
+        let addr = format!("127.0.0.1:{port}");
+        wait_until("redis-server", Duration::from_secs(10), || {
+            assert!(
+                !child.exited(),
+                "redis-server exited:\n{}",
+                child.log_tail()
+            );
+            raw_exchange(&addr, b"PING\r\n")
+                .map(|r| r.starts_with(b"+PONG"))
+                .unwrap_or(false)
+        });
+        Self {
+            addr,
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// Starts a plain redis-server.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+
+    /// The underlying process.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}

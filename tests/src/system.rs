@@ -1,0 +1,343 @@
+//! A whole local redmesh system for e2e tests: etcd, a broker and proxies,
+//! each proxy with two real Redis nodes, all on free ports, started from the
+//! built binaries and killed on drop.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use redmesh_api::v1::{self, broker_client::BrokerClient};
+use tonic::transport::Channel;
+
+use crate::harness::{bin_path, raw_exchange, wait_until};
+use crate::{free_port, Child, Etcd, Redis};
+
+/// A running redmesh service binary with a gRPC port.
+pub struct Service {
+    /// gRPC address `127.0.0.1:PORT`.
+    pub addr: String,
+    /// Process.
+    pub child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").field("addr", &self.addr).finish()
+    }
+}
+
+impl Service {
+    /// Starts `binary` with `args` plus `--listen <free port>` and waits
+    /// until its gRPC health check answers SERVING.
+    pub fn start(binary: &str, listen_flag: &str, args: &[String]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(bin_path(binary));
+        cmd.arg(listen_flag)
+            .arg(&addr)
+            .args(args)
+            .env("RUST_LOG", "info");
+        let child = Child::spawn(binary, cmd, &dir.path().join("log"));
+        let mut svc = Self {
+            addr,
+            child,
+            _dir: dir,
+        };
+        svc.wait_serving();
+        svc
+    }
+
+    /// `http://` URL of the gRPC endpoint.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn wait_serving(&mut self) {
+        let url = self.url();
+        let name = format!("{:?}", self.child);
+        let child = &mut self.child;
+        wait_until(&name, Duration::from_secs(20), || {
+            assert!(!child.exited(), "{name} exited:\n{}", child.log_tail());
+            grpc_serving(&url)
+        });
+    }
+
+    /// Log tail, for failure messages.
+    pub fn log(&self) -> String {
+        self.child.log_tail()
+    }
+}
+
+/// Whether the gRPC server at `url` answers its health check with SERVING.
+pub fn grpc_serving(url: &str) -> bool {
+    let url = url.to_owned();
+    run_blocking(async move {
+        let Ok(ch) = Channel::from_shared(url)
+            .expect("url")
+            .connect_timeout(Duration::from_millis(300))
+            .connect()
+            .await
+        else {
+            return false;
+        };
+        let mut client = tonic_health::pb::health_client::HealthClient::new(ch);
+        matches!(
+            client.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await,
+            Ok(r) if r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        )
+    })
+}
+
+/// Runs a future to completion on a private runtime (usable from sync code
+/// and from inside async tests alike).
+pub fn run_blocking<F: std::future::Future + Send + 'static>(fut: F) -> F::Output
+where
+    F::Output: Send + 'static,
+{
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(fut)
+    })
+    .join()
+    .expect("helper thread panicked")
+}
+
+/// One proxy process and its two Redis nodes.
+pub struct ProxyNode {
+    /// Proxy id.
+    pub id: String,
+    /// Failure domain it is registered with.
+    pub host: String,
+    /// RESP address.
+    pub resp: String,
+    /// Admin gRPC address.
+    pub admin: String,
+    /// Its Redis nodes.
+    pub redis: [Redis; 2],
+    /// The proxy process (None while stopped).
+    pub child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for ProxyNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyNode")
+            .field("id", &self.id)
+            .field("resp", &self.resp)
+            .finish()
+    }
+}
+
+impl ProxyNode {
+    /// Starts the proxy process (again) following `brokers`.
+    pub fn start(&mut self, brokers: &str) {
+        let mut cmd = Command::new(bin_path("redmesh-proxy"));
+        cmd.args([
+            "--id",
+            &self.id,
+            "--listen",
+            &self.resp,
+            "--admin-listen",
+            &self.admin,
+            "--broker",
+            brokers,
+        ])
+        .env("RUST_LOG", "info");
+        let mut child = Child::spawn("redmesh-proxy", cmd, &self.log);
+        let resp = self.resp.clone();
+        wait_until(
+            &format!("proxy {}", self.id),
+            Duration::from_secs(20),
+            || {
+                assert!(!child.exited(), "proxy exited:\n{}", child.log_tail());
+                raw_exchange(&resp, b"PING\r\n")
+                    .map(|r| r.starts_with(b"+PONG"))
+                    .unwrap_or(false)
+            },
+        );
+        self.child = Some(child);
+    }
+
+    /// The registration spec.
+    pub fn spec(&self) -> v1::ProxySpec {
+        v1::ProxySpec {
+            id: self.id.clone(),
+            resp_address: self.resp.clone(),
+            admin_address: self.admin.clone(),
+            host: self.host.clone(),
+            redis_nodes: self.redis.iter().map(|r| r.addr.clone()).collect(),
+        }
+    }
+
+    /// Log tail, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .map(|t| {
+                t.lines()
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// etcd + broker + proxies.
+pub struct System {
+    /// etcd.
+    pub etcd: Etcd,
+    /// The broker.
+    pub broker: Service,
+    /// Proxies, alternating between hosts `host-a` and `host-b`.
+    pub proxies: Vec<ProxyNode>,
+}
+
+impl std::fmt::Debug for System {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("System")
+            .field("broker", &self.broker.addr)
+            .field("proxies", &self.proxies)
+            .finish()
+    }
+}
+
+impl System {
+    /// Starts etcd, a broker and `n` proxies (not yet registered).
+    pub fn start(n: usize) -> Self {
+        let etcd = Etcd::start();
+        let broker = Service::start(
+            "redmesh-broker",
+            "--listen",
+            &["--etcd".into(), etcd.endpoint.clone()],
+        );
+        let mut proxies = Vec::new();
+        for i in 0..n {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut p = ProxyNode {
+                id: format!("proxy-{i}"),
+                host: if i % 2 == 0 { "host-a" } else { "host-b" }.into(),
+                resp: format!("127.0.0.1:{}", free_port()),
+                admin: format!("127.0.0.1:{}", free_port()),
+                redis: [Redis::start(), Redis::start()],
+                child: None,
+                log: dir.path().join("proxy.log"),
+                _dir: dir,
+            };
+            p.start(&broker.url());
+            proxies.push(p);
+        }
+        Self {
+            etcd,
+            broker,
+            proxies,
+        }
+    }
+
+    /// A broker client.
+    pub async fn broker(&self) -> BrokerClient<Channel> {
+        BrokerClient::connect(self.broker.url())
+            .await
+            .expect("connect to broker")
+    }
+
+    /// Registers every proxy.
+    pub async fn register_all(&self) {
+        let mut b = self.broker().await;
+        for p in &self.proxies {
+            b.register_proxy(v1::RegisterProxyRequest {
+                proxy: Some(p.spec()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("register {}: {e}", p.id));
+        }
+    }
+
+    /// Creates a cluster and waits until every proxy in it serves it.
+    pub async fn create_cluster(
+        &self,
+        name: &str,
+        nodes: u32,
+        config: v1::ClusterConfig,
+    ) -> v1::Cluster {
+        let mut b = self.broker().await;
+        let cluster = b
+            .create_cluster(v1::CreateClusterRequest {
+                name: name.into(),
+                node_count: nodes,
+                config: Some(config),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("create cluster {name}: {e}"))
+            .into_inner()
+            .cluster
+            .expect("cluster in response");
+        self.wait_cluster_ok(&cluster).await;
+        cluster
+    }
+
+    /// The proxy with id `id`.
+    pub fn proxy(&self, id: &str) -> &ProxyNode {
+        self.proxies
+            .iter()
+            .find(|p| p.id == id)
+            .unwrap_or_else(|| panic!("no proxy {id}"))
+    }
+
+    /// Proxies of a cluster.
+    pub fn members(&self, cluster: &v1::Cluster) -> Vec<&ProxyNode> {
+        cluster
+            .chunks
+            .iter()
+            .flat_map(|c| c.proxy_ids.iter())
+            .map(|id| self.proxy(id))
+            .collect()
+    }
+
+    /// Waits until every member proxy reports `cluster_state:ok` at an
+    /// epoch at least the cluster's.
+    pub async fn wait_cluster_ok(&self, cluster: &v1::Cluster) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for p in self.members(cluster) {
+            loop {
+                let info = cluster_info(&p.resp).await.unwrap_or_default();
+                let epoch =
+                    info_field(&info, "cluster_current_epoch").and_then(|e| e.parse::<u64>().ok());
+                if info.contains("cluster_state:ok") && epoch.is_some_and(|e| e >= cluster.epoch) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "proxy {} never served cluster {}: {info}\n{}",
+                    p.id,
+                    cluster.name,
+                    p.log()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// `CLUSTER INFO` of a proxy.
+pub async fn cluster_info(addr: &str) -> redis::RedisResult<String> {
+    let client = redis::Client::open(format!("redis://{addr}"))?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await
+}
+
+/// A `field:value` line of an INFO-style text.
+pub fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(str::trim)
+}
