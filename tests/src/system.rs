@@ -18,7 +18,10 @@ pub struct Service {
     pub addr: String,
     /// Process.
     pub child: Child,
-    _dir: tempfile::TempDir,
+    binary: String,
+    listen_flag: String,
+    args: Vec<String>,
+    dir: tempfile::TempDir,
 }
 
 impl std::fmt::Debug for Service {
@@ -32,21 +35,51 @@ impl Service {
     /// until its gRPC health check answers SERVING.
     pub fn start(binary: &str, listen_flag: &str, args: &[String]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut cmd = Command::new(bin_path(binary));
-        cmd.arg(listen_flag)
-            .arg(&addr)
-            .args(args)
-            .env("RUST_LOG", "info");
-        let child = Child::spawn(binary, cmd, &dir.path().join("log"));
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Self::spawn(binary, listen_flag, &addr, args, &dir);
         let mut svc = Self {
             addr,
             child,
-            _dir: dir,
+            binary: binary.to_owned(),
+            listen_flag: listen_flag.to_owned(),
+            args: args.to_vec(),
+            dir,
         };
         svc.wait_serving();
         svc
+    }
+
+    fn spawn(
+        binary: &str,
+        listen_flag: &str,
+        addr: &str,
+        args: &[String],
+        dir: &tempfile::TempDir,
+    ) -> Child {
+        let mut cmd = Command::new(bin_path(binary));
+        cmd.arg(listen_flag)
+            .arg(addr)
+            .args(args)
+            .env("RUST_LOG", "info");
+        Child::spawn(binary, cmd, &dir.path().join("log"))
+    }
+
+    /// Kills the process (SIGKILL).
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+
+    /// Starts the process again on the same address and waits until it serves.
+    pub fn restart(&mut self) {
+        self.child.kill();
+        self.child = Self::spawn(
+            &self.binary,
+            &self.listen_flag,
+            &self.addr,
+            &self.args,
+            &self.dir,
+        );
+        self.wait_serving();
     }
 
     /// `http://` URL of the gRPC endpoint.
@@ -303,21 +336,30 @@ impl System {
             .collect()
     }
 
-    /// Waits until every member proxy reports `cluster_state:ok` at an
-    /// epoch at least the cluster's.
+    /// Waits until every member proxy has installed the cluster at an epoch
+    /// at least the cluster's, with both local nodes applied.
     pub async fn wait_cluster_ok(&self, cluster: &v1::Cluster) {
         let deadline = Instant::now() + Duration::from_secs(20);
         for p in self.members(cluster) {
+            let mut admin =
+                v1::proxy_admin_client::ProxyAdminClient::connect(format!("http://{}", p.admin))
+                    .await
+                    .unwrap_or_else(|e| panic!("admin of {}: {e}", p.id));
             loop {
-                let info = cluster_info(&p.resp).await.unwrap_or_default();
-                let epoch =
-                    info_field(&info, "cluster_current_epoch").and_then(|e| e.parse::<u64>().ok());
-                if info.contains("cluster_state:ok") && epoch.is_some_and(|e| e >= cluster.epoch) {
+                let info = admin
+                    .get_info(v1::GetInfoRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if info.cluster == cluster.name
+                    && info.epoch >= cluster.epoch
+                    && info.nodes.iter().all(|n| n.applied)
+                {
                     break;
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "proxy {} never served cluster {}: {info}\n{}",
+                    "proxy {} never served cluster {}: {info:?}\n{}",
                     p.id,
                     cluster.name,
                     p.log()

@@ -52,10 +52,16 @@ pub async fn with_health_and_reflection(
             .set_service_status(*name, ServingStatus::Serving)
             .await;
     }
+    // List only what this server serves; the descriptor set holds the whole
+    // API, and listing services that answer UNIMPLEMENTED would mislead.
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(redmesh_api::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        services.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(redmesh_api::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("grpc.health.v1.Health"),
+            |b, name| b.with_service_name(*name),
+        )
     };
     let v1 = reflection()
         .build_v1()

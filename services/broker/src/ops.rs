@@ -41,7 +41,7 @@ pub struct Ops {
 
 /// Checks a node count: a positive multiple of 4, not absurdly large.
 pub fn check_node_count(node_count: u32) -> Result<usize, ModelError> {
-    if node_count == 0 || node_count % NODES_PER_CHUNK != 0 {
+    if node_count == 0 || !node_count.is_multiple_of(NODES_PER_CHUNK) {
         return Err(ModelError::invalid(
             "node_count",
             format!("{node_count} is not a positive multiple of {NODES_PER_CHUNK} (each chunk has 4 Redis nodes)"),
@@ -298,7 +298,7 @@ impl Ops {
         patch: ConfigPatch,
     ) -> Result<Cluster, MetaError> {
         self.repo
-            .update(|snap, _| {
+            .update(|snap, epoch| {
                 let mut cluster = snap
                     .clusters
                     .get(name)
@@ -328,6 +328,7 @@ impl Ops {
                 if *c == before {
                     return Ok((Change::default(), cluster));
                 }
+                cluster.epoch = epoch;
                 Ok((
                     Change {
                         put_clusters: vec![cluster.clone()],
@@ -472,6 +473,25 @@ mod tests {
             ops.delete_cluster(&name("demo")).await.unwrap_err(),
             MetaError::Model(ModelError::NotFound { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn returned_records_carry_the_committed_epoch() {
+        let ops = ops();
+        pool(&ops, 2).await;
+        let created = ops
+            .create_cluster(name("e"), 4, ClusterConfig::default())
+            .await
+            .unwrap();
+        let patch = ConfigPatch {
+            password_sha256: Some(Some([7; 32])),
+            ..ConfigPatch::default()
+        };
+        let updated = ops.update_config(&name("e"), patch).await.unwrap();
+        let (stored, proxies) = ops.get_cluster(&name("e")).await.unwrap();
+        assert!(updated.epoch > created.epoch);
+        assert_eq!(updated, stored);
+        assert!(proxies.iter().all(|p| p.epoch == created.epoch));
     }
 
     #[tokio::test]

@@ -268,7 +268,32 @@ async fn read_replies(
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut decoder = ReplyDecoder::new(Limits::default());
-    while let Some(reply) = inflight.recv().await {
+    loop {
+        // While idle, keep reading too: a server that closes an idle
+        // connection is noticed now, so the next request is never written to
+        // a dead socket (it gets a retriable `Unavailable` instead of an
+        // unknown outcome).
+        let reply = tokio::select! {
+            biased;
+            next = inflight.recv() => match next {
+                Some(r) => r,
+                None => return,
+            },
+            read = rd.read_buf(&mut buf) => match read {
+                Ok(n) if n > 0 => match inflight.try_recv() {
+                    // The reply raced ahead of our wake-up; it is in `buf`.
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::error!(%addr, "Redis node sent data nobody asked for; resetting the connection");
+                        return;
+                    }
+                },
+                _ => {
+                    tracing::debug!(%addr, "idle connection to Redis node closed");
+                    return;
+                }
+            },
+        };
         let frame = loop {
             match decoder.scan(&buf) {
                 Ok(Some(len)) => break Ok(buf.split_to(len).freeze()),
@@ -368,6 +393,35 @@ mod tests {
         let err = b.call(&["PING"]).await.unwrap_err();
         assert!(matches!(err, BackendError::Unavailable { .. }), "{err}");
         assert!(err.to_string().contains(&port.to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_server_closing_an_idle_connection_is_noticed_before_the_next_request() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let srv = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"+PONG\r\n").await.unwrap();
+            // Close while idle, and stop listening: the next request cannot
+            // be delivered anywhere.
+        });
+        let b = Backend::spawn(addr, BackendOptions::default());
+        assert_eq!(
+            b.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"))
+                .await
+                .unwrap()
+                .unwrap(),
+            "+PONG\r\n"
+        );
+        srv.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let err = b.call(&["PING"]).await.unwrap_err();
+        assert!(
+            matches!(err, BackendError::Unavailable { .. }),
+            "not sent, so retriable: {err}"
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Starts the whole redmesh system on this machine (DESIGN.md §9 ports):
+# etcd, 8 Redis nodes, 4 proxies on two "hosts", the broker and the other
+# services; registers the proxies and creates cluster `demo`.
+# Idempotent: running it again starts only what is not running.
+# Stop everything with ./deploy/local/down.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+PROFILE="${REDMESH_PROFILE:-release}"
+BIN="$ROOT/target/$PROFILE"
+
+ensure_packages redis-server:redis-server redis-cli:redis-tools etcd:etcd-server \
+  etcdctl:etcd-client protoc:protobuf-compiler
+command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs) first"
+
+say "building ($PROFILE)"
+if [ "$PROFILE" = release ]; then
+  (cd "$ROOT" && cargo build --release --bins --quiet)
+else
+  (cd "$ROOT" && cargo build --bins --quiet)
+fi
+
+for port in 2379 7400 7001 7002 7003 7004 7201; do
+  if port_open "$port" && ! compgen -G "$PIDS/*.pid" >/dev/null; then
+    die "port $port is already in use by another program; stop it (e.g. a system etcd or redis-server) and retry"
+  fi
+done
+
+say "starting etcd on 127.0.0.1:2379"
+start etcd etcd --name redmesh-local --data-dir "$STATE/etcd" \
+  --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+  --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+  --initial-cluster redmesh-local=http://127.0.0.1:2380 --initial-cluster-state new \
+  --logger zap --log-outputs stderr --log-level warn
+wait_for etcd 30 etcdctl --endpoints http://127.0.0.1:2379 endpoint health
+
+say "starting 8 Redis nodes on 7201-7208"
+for i in $(seq 1 8); do
+  port=$((7200 + i))
+  mkdir -p "$STATE/redis-$port"
+  start "redis-$port" redis-server --port "$port" --bind 127.0.0.1 --dir "$STATE/redis-$port" \
+    --save "" --appendonly yes --daemonize no
+done
+for i in $(seq 1 8); do
+  wait_for "redis on $((7200 + i))" 20 redis-cli -p $((7200 + i)) ping
+done
+
+say "starting the broker on 7400 and the other services"
+start broker "$BIN/redmesh-broker" --listen 127.0.0.1:7400 --metrics-listen 127.0.0.1:9400
+start coordinator "$BIN/redmesh-coordinator" --listen 127.0.0.1:7401 --metrics-listen 127.0.0.1:9401
+for i in 0 1 2; do
+  start "health-checker-$i" "$BIN/redmesh-health-checker" --listen "127.0.0.1:$((7410 + i))" \
+    --metrics-listen "127.0.0.1:$((9410 + i))"
+done
+start migrator "$BIN/redmesh-migrator" --listen 127.0.0.1:7420 --metrics-listen 127.0.0.1:9420
+wait_for broker 30 "$BIN/redmeshctl" --broker http://127.0.0.1:7400 proxy list
+
+say "starting 4 proxies on 7001-7004 (admin 7101-7104)"
+for i in 1 2 3 4; do
+  start "proxy-$i" "$BIN/redmesh-proxy" --id "proxy-$i" --listen "127.0.0.1:$((7000 + i))" \
+    --admin-listen "127.0.0.1:$((7100 + i))" --broker http://127.0.0.1:7400 \
+    --metrics-listen "127.0.0.1:$((9430 + i))"
+done
+for i in 1 2 3 4; do
+  wait_for "proxy-$i" 20 redis-cli -p $((7000 + i)) ping
+done
+
+ctl() { "$BIN/redmeshctl" --broker http://127.0.0.1:7400 "$@"; }
+say "registering proxies (host-a: proxy-1, proxy-3; host-b: proxy-2, proxy-4)"
+for i in 1 2 3 4; do
+  host=$([ $((i % 2)) -eq 1 ] && echo host-a || echo host-b)
+  ctl proxy register --id "proxy-$i" --resp "127.0.0.1:$((7000 + i))" --admin "127.0.0.1:$((7100 + i))" \
+    --host "$host" --redis "127.0.0.1:$((7199 + 2 * i)),127.0.0.1:$((7200 + 2 * i))" >/dev/null
+done
+
+if ctl cluster get demo >/dev/null 2>&1; then
+  say "cluster demo exists"
+else
+  say "creating cluster demo (4 nodes)"
+  ctl cluster create demo --nodes 4 >/dev/null
+fi
+entry=$(ctl --json cluster get demo | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+print(d["proxies"][0]["spec"]["respAddress"].rsplit(":", 1)[1])')
+wait_for "cluster demo" 20 sh -c "redis-cli -p $entry cluster info | grep -q cluster_state:ok"
+
+ctl cluster get demo
+cat <<MSG
+
+redmesh is running (state, logs and pids in $STATE).
+
+  Connect:        redis-cli -c -p $entry
+  Cluster view:   redis-cli -p $entry cluster nodes
+  Manage:         $BIN/redmeshctl --help        (broker at 127.0.0.1:7400)
+  gRPC:           grpc 127.0.0.1:7400 (reflection enabled; see README for buf curl)
+  Metrics:        http://127.0.0.1:9400/metrics (broker), :9431-9434 (proxies)
+  Stop:           ./deploy/local/down.sh
+
+The coordinator, health-checkers and migrator run as placeholders (health
+and reflection only) until failover and migration land.
+MSG

@@ -1,0 +1,300 @@
+//! The proxy as a RESP endpoint: Redis's wording for errors, protocol
+//! violations close the connection, pipelining keeps order, AUTH is
+//! enforced, refused commands say so, and a dead Redis node gives a prompt
+//! error instead of a hang.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use redmesh_api::v1;
+use redmesh_e2e::harness::raw_exchange;
+use redmesh_e2e::System;
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Sends `request`, reads until the server closes the connection.
+fn exchange_until_close(addr: &str, request: &[u8]) -> (Vec<u8>, bool) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let closed = s.read_to_end(&mut out).is_ok();
+    (out, closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_use_redis_wording_and_protocol_errors_close() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("p", 4, v1::ClusterConfig::default())
+        .await;
+    let addr = &sys.members(&cluster)[0].resp;
+
+    assert_eq!(
+        text(&raw_exchange(addr, b"*3\r\n$3\r\nfoo\r\n$1\r\na\r\n$1\r\nb\r\n").unwrap()),
+        "-ERR unknown command 'foo', with args beginning with: 'a' 'b' \r\n"
+    );
+    assert_eq!(
+        text(&raw_exchange(addr, b"*1\r\n$3\r\nGET\r\n").unwrap()),
+        "-ERR wrong number of arguments for 'get' command\r\n"
+    );
+    assert_eq!(
+        text(&raw_exchange(addr, b"SELECT 0\r\n").unwrap()),
+        "+OK\r\n"
+    );
+    assert_eq!(
+        text(&raw_exchange(addr, b"SELECT 1\r\n").unwrap()),
+        "-ERR SELECT is not allowed in cluster mode\r\n"
+    );
+    assert_eq!(
+        text(&raw_exchange(addr, b"ECHO hi\r\n").unwrap()),
+        "$2\r\nhi\r\n"
+    );
+    assert!(text(&raw_exchange(addr, b"CLUSTER FOO\r\n").unwrap())
+        .starts_with("-ERR unknown subcommand 'FOO'"));
+    for (cmd, why) in [
+        (&b"MULTI\r\n"[..], "transactions"),
+        (b"BLPOP k 0\r\n", "blocking"),
+        (b"SUBSCRIBE ch\r\n", "pub/sub"),
+        (b"CONFIG GET maxmemory\r\n", "not allowed"),
+        (b"REPLICAOF NO ONE\r\n", "not allowed"),
+    ] {
+        let reply = text(&raw_exchange(addr, cmd).unwrap());
+        assert!(
+            reply.starts_with("-ERR") && reply.contains(why),
+            "{}: {reply}",
+            text(cmd)
+        );
+    }
+    // Protocol errors: Redis's reply, then the connection closes.
+    for (input, reply) in [
+        (
+            &b"*x\r\n"[..],
+            "-ERR Protocol error: invalid multibulk length\r\n",
+        ),
+        (
+            b"*1\r\n$999999999999\r\n",
+            "-ERR Protocol error: invalid bulk length\r\n",
+        ),
+        (
+            b"*1\r\n:1\r\n",
+            "-ERR Protocol error: expected '$', got ':'\r\n",
+        ),
+        (
+            b"SET \"a\r\n",
+            "-ERR Protocol error: unbalanced quotes in request\r\n",
+        ),
+    ] {
+        let (out, closed) = exchange_until_close(addr, input);
+        assert_eq!(text(&out), reply);
+        assert!(closed, "connection closed after {reply}");
+    }
+    // QUIT answers then closes.
+    let (out, closed) = exchange_until_close(addr, b"PING\r\nQUIT\r\nPING\r\n");
+    assert_eq!(text(&out), "+PONG\r\n+OK\r\n");
+    assert!(closed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_replies_keep_request_order() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("pipe", 4, v1::ClusterConfig::default())
+        .await;
+    let addr = &sys.members(&cluster)[0].resp;
+    // Mix local forwards, local answers, redirects and errors in one write.
+    let mut req = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..2000 {
+        match i % 4 {
+            0 => {
+                req.extend_from_slice(format!("SET {{a}}{i} v{i}\r\n").as_bytes());
+                expected.push("+OK".to_owned());
+            }
+            1 => {
+                req.extend_from_slice(format!("GET {{a}}{}\r\n", i - 1).as_bytes());
+                expected.push(format!("$4\r\nv{}", i - 1).chars().take(20).collect());
+            }
+            2 => {
+                req.extend_from_slice(format!("ECHO e{i}\r\n").as_bytes());
+                expected.push(format!("${}\r\ne{i}", format!("e{i}").len()));
+            }
+            _ => {
+                req.extend_from_slice(b"NOSUCH\r\n");
+                expected.push("-ERR unknown command 'NOSUCH'".to_owned());
+            }
+        }
+    }
+    let a_owner = key_owner(&sys, &cluster, b"a");
+    if a_owner != *addr {
+        // Slot {a} is elsewhere: every SET/GET is a redirect instead.
+        for (i, e) in expected.iter_mut().enumerate() {
+            if i % 4 < 2 {
+                *e = format!("-MOVED {}", redmesh_model::key_slot(b"a"));
+            }
+        }
+    }
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&req).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let replies = loop {
+        let n = s.read(&mut buf).unwrap();
+        got.extend_from_slice(&buf[..n]);
+        let parsed = split_replies(&got);
+        if parsed.len() >= expected.len() || Instant::now() > deadline {
+            break parsed;
+        }
+    };
+    assert_eq!(replies.len(), expected.len());
+    for (i, (r, e)) in replies.iter().zip(&expected).enumerate() {
+        let e = e.replace("$4\r\nv", "$");
+        let ok = r.starts_with(e.as_str()) || (e.starts_with('$') && r.starts_with('$'));
+        assert!(ok, "reply {i}: got {r:?}, expected {e:?}");
+    }
+}
+
+/// Splits a RESP2 stream of simple replies and bulk strings.
+fn split_replies(b: &[u8]) -> Vec<String> {
+    let s = String::from_utf8_lossy(b);
+    let mut out = Vec::new();
+    let mut lines = s.split("\r\n").peekable();
+    while let Some(line) = lines.next() {
+        if line.is_empty() && lines.peek().is_none() {
+            break;
+        }
+        if line.starts_with('$') && line != "$-1" {
+            match lines.next() {
+                Some(body) => out.push(format!("{line}\r\n{body}")),
+                None => break,
+            }
+        } else {
+            out.push(line.to_owned());
+        }
+    }
+    out
+}
+
+fn key_owner(sys: &System, cluster: &v1::Cluster, key: &[u8]) -> String {
+    let slot = u32::from(redmesh_model::key_slot(key));
+    let a = cluster
+        .slots
+        .iter()
+        .find(|a| a.range.is_some_and(|r| r.start <= slot && slot <= r.end))
+        .unwrap();
+    let shard = cluster.shards.iter().find(|s| s.id == a.shard_id).unwrap();
+    sys.proxy(&shard.master.as_ref().unwrap().proxy_id)
+        .resp
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_password_is_enforced() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster(
+            "secure",
+            4,
+            v1::ClusterConfig {
+                password: "s3cret".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let addr = &sys.members(&cluster)[0].resp;
+    assert_eq!(
+        text(&raw_exchange(addr, b"GET k\r\n").unwrap()),
+        "-NOAUTH Authentication required.\r\n"
+    );
+    assert_eq!(
+        text(&raw_exchange(addr, b"AUTH wrong\r\n").unwrap()),
+        "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+    );
+    assert_eq!(
+        text(&raw_exchange(addr, b"AUTH someone s3cret\r\n").unwrap()),
+        "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+    );
+    assert_eq!(
+        text(&raw_exchange(addr, b"AUTH default s3cret\r\nPING\r\n").unwrap()),
+        "+OK\r\n+PONG\r\n"
+    );
+    let hello = text(&raw_exchange(addr, b"HELLO 2 AUTH default s3cret\r\n").unwrap());
+    assert!(
+        hello.starts_with("*14\r\n") && hello.contains("cluster"),
+        "{hello}"
+    );
+    // A cluster client with the password works end to end.
+    let seeds: Vec<String> = sys
+        .members(&cluster)
+        .iter()
+        .map(|p| format!("redis://:s3cret@{}", p.resp))
+        .collect();
+    let client = redis::cluster::ClusterClient::new(seeds).unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    for i in 0..200 {
+        conn.set::<_, _, ()>(format!("k{i}"), i).await.unwrap();
+        let v: i32 = conn.get(format!("k{i}")).await.unwrap();
+        assert_eq!(v, i);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unserved_and_dead_backends_fail_fast_with_clear_errors() {
+    let mut sys = System::start(2);
+    // Before registration: a clear reason, not a hang.
+    let reply = text(&raw_exchange(&sys.proxies[0].resp, b"GET k\r\n").unwrap());
+    assert!(
+        reply.starts_with("-CLUSTERDOWN") && reply.contains("not registered"),
+        "{reply}"
+    );
+    sys.register_all().await;
+    let reply = text(&raw_exchange(&sys.proxies[0].resp, b"GET k\r\n").unwrap());
+    assert!(
+        reply.starts_with("-CLUSTERDOWN") && reply.contains("not part of any cluster"),
+        "{reply}"
+    );
+    let cluster = sys
+        .create_cluster("fragile", 4, v1::ClusterConfig::default())
+        .await;
+    let owner_resp = key_owner(&sys, &cluster, b"victim");
+    let owner = sys
+        .proxies
+        .iter_mut()
+        .find(|p| p.resp == owner_resp)
+        .unwrap();
+    owner.redis[0].kill();
+    // The proxy notices the closed idle connection by itself; the request is
+    // then refused as not sent (retriable), promptly, never hung.
+    let started = Instant::now();
+    loop {
+        let reply = text(&raw_exchange(&owner_resp, b"GET victim\r\n").unwrap());
+        if reply.starts_with("-CLUSTERDOWN") && reply.contains("unavailable") {
+            break;
+        }
+        assert!(
+            reply.starts_with("-ERR") && reply.contains("lost"),
+            "{reply}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "last reply {reply}"
+        );
+    }
+    let started = Instant::now();
+    let reply = text(&raw_exchange(&owner_resp, b"SET victim 1\r\n").unwrap());
+    assert!(reply.starts_with("-CLUSTERDOWN"), "{reply}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+}
