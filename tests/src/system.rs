@@ -197,6 +197,13 @@ impl ProxyNode {
         self.child = Some(child);
     }
 
+    /// A client of the proxy's admin gRPC API.
+    pub async fn admin_client(&self) -> v1::proxy_admin_client::ProxyAdminClient<Channel> {
+        v1::proxy_admin_client::ProxyAdminClient::connect(format!("http://{}", self.admin))
+            .await
+            .unwrap_or_else(|e| panic!("admin API of {}: {e}", self.id))
+    }
+
     /// The registration spec.
     pub fn spec(&self) -> v1::ProxySpec {
         v1::ProxySpec {
@@ -341,10 +348,7 @@ impl System {
     pub async fn wait_cluster_ok(&self, cluster: &v1::Cluster) {
         let deadline = Instant::now() + Duration::from_secs(20);
         for p in self.members(cluster) {
-            let mut admin =
-                v1::proxy_admin_client::ProxyAdminClient::connect(format!("http://{}", p.admin))
-                    .await
-                    .unwrap_or_else(|e| panic!("admin of {}: {e}", p.id));
+            let mut admin = p.admin_client().await;
             loop {
                 let info = admin
                     .get_info(v1::GetInfoRequest {})

@@ -234,11 +234,7 @@ async fn topology_changes_reach_every_proxy_quickly() {
     let members = sys.members(&cluster);
     let mut admins = Vec::new();
     for p in &members {
-        admins.push(
-            v1::proxy_admin_client::ProxyAdminClient::connect(format!("http://{}", p.admin))
-                .await
-                .unwrap(),
-        );
+        admins.push(p.admin_client().await);
     }
     let mut b = sys.broker().await;
     let mut latencies = Vec::new();

@@ -14,33 +14,38 @@ async fn channel(url: &str) -> tonic::transport::Channel {
         .unwrap()
 }
 
-/// Lists services through reflection version `$v` (the two versions have
-/// identical shapes in different modules).
-macro_rules! list_services {
-    ($v:ident, $url:expr) => {{
+/// Sends one request through reflection version `$v` and returns the
+/// response (v1 and v1alpha have identical shapes in different modules).
+macro_rules! reflect {
+    ($v:ident, $url:expr, $request:expr) => {{
         use tonic_reflection::pb::$v::{
-            server_reflection_client::ServerReflectionClient,
-            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-            ServerReflectionRequest,
+            server_reflection_client::ServerReflectionClient, ServerReflectionRequest,
         };
         let mut c = ServerReflectionClient::new(channel($url).await);
         let req = ServerReflectionRequest {
             host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
+            message_request: Some($request),
         };
         let mut resp = c
             .server_reflection_info(tokio_stream::iter([req]))
             .await
             .unwrap()
             .into_inner();
-        match resp
-            .next()
+        resp.next()
             .await
             .unwrap()
             .unwrap()
             .message_response
             .unwrap()
-        {
+    }};
+}
+
+/// Lists services through reflection version `$v`.
+macro_rules! list_services {
+    ($v:ident, $url:expr) => {{
+        use tonic_reflection::pb::$v::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$v::server_reflection_response::MessageResponse;
+        match reflect!($v, $url, MessageRequest::ListServices(String::new())) {
             MessageResponse::ListServicesResponse(l) => {
                 l.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
             }
@@ -49,31 +54,11 @@ macro_rules! list_services {
     }};
 }
 
-/// The file declaring `symbol`, as reflection returns it.
+/// The file declaring `symbol`, as reflection v1 returns it.
 async fn file_of(url: &str, symbol: &str) -> prost_types::FileDescriptorProto {
-    use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-        ServerReflectionRequest,
-    };
-    let mut c = ServerReflectionClient::new(channel(url).await);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
-    };
-    let mut resp = c
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    match resp
-        .next()
-        .await
-        .unwrap()
-        .unwrap()
-        .message_response
-        .unwrap()
-    {
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    match reflect!(v1, url, MessageRequest::FileContainingSymbol(symbol.into())) {
         MessageResponse::FileDescriptorResponse(f) => {
             let first = f.file_descriptor_proto.first().expect("a descriptor");
             prost_types::FileDescriptorProto::decode(first.as_slice()).unwrap()

@@ -142,12 +142,7 @@ async fn claim(node: &Backend, uid: &str) -> Result<(), String> {
                 node = node.addr(),
                 "node holds data of a deleted cluster; flushing it before serving"
             );
-            reply_ok(
-                node.call(&["FLUSHALL", "ASYNC"])
-                    .await
-                    .map_err(backend_err)?,
-                "FLUSHALL",
-            )?;
+            flush(node).await?;
             match claim_once(node, uid).await?.as_str() {
                 "same" | "claimed" => Ok(()),
                 other => Err(format!(
@@ -178,14 +173,19 @@ async fn wipe(node: &Backend) -> Result<(), String> {
             node = node.addr(),
             "proxy returned to the pool; wiping its cluster data"
         );
-        reply_ok(
-            node.call(&["FLUSHALL", "ASYNC"])
-                .await
-                .map_err(backend_err)?,
-            "FLUSHALL",
-        )?;
+        flush(node).await?;
     }
     Ok(())
+}
+
+/// Empties every database of a node without blocking Redis while the memory
+/// is freed (the keyspace is empty as soon as the command returns).
+async fn flush(node: &Backend) -> Result<(), String> {
+    let reply = node
+        .call(&["FLUSHALL", "ASYNC"])
+        .await
+        .map_err(backend_err)?;
+    reply_ok(reply, "FLUSHALL").map(|_| ())
 }
 
 /// What one local node should be.
