@@ -10,6 +10,18 @@ ensure_packages redis-server:redis-server redis-cli:redis-tools etcd:etcd-server
   etcdctl:etcd-client protoc:protobuf-compiler python3:python3
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs) first"
 
+# Client libraries the e2e tests drive, pinned, in a venv under target/.
+PYENV="$ROOT/target/pyenv"
+if [ ! -x "$PYENV/bin/python" ] || ! "$PYENV/bin/python" -c 'import redis' 2>/dev/null; then
+  say "preparing redis-py in $PYENV"
+  if ! python3 -m venv "$PYENV" 2>/dev/null; then
+    install_packages python3-venv # Debian's python3 ships venv separately
+    python3 -m venv "$PYENV"
+  fi
+  "$PYENV/bin/pip" install --quiet --disable-pip-version-check 'redis==8.1.0'
+fi
+export REDMESH_PYTHON="$PYENV/bin/python"
+
 started=$SECONDS
 say "formatting"
 cargo fmt --all -- --check

@@ -19,17 +19,21 @@ ensure_packages() {
   for pair in "$@"; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
   done
-  [ ${#missing[@]} -eq 0 ] && return 0
+  [ ${#missing[@]} -eq 0 ] || install_packages "${missing[@]}"
+}
+
+# Installs the given Debian packages (as root, via apt).
+install_packages() {
   if [ "$(id -u)" -ne 0 ]; then
-    die "missing packages: ${missing[*]}; run as root or install them with apt"
+    die "missing packages: $*; run as root or install them with apt"
   fi
-  say "installing ${missing[*]}"
+  say "installing $*"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
   # Debian starts packaged etcd/redis services on install; they would hold the
   # ports the local system uses. Stop and disable the ones we just installed.
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-    for pkg in "${missing[@]}"; do
+    for pkg in "$@"; do
       case "$pkg" in
         etcd-server) systemctl disable --now etcd >/dev/null 2>&1 || true ;;
         redis-server) systemctl disable --now redis-server >/dev/null 2>&1 || true ;;

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use redmesh_resp::{encode_command, parse_frame, Frame, Limits, ReplyDecoder};
+use redmesh_resp::{encode_command, parse_frame, Frame, Limits, Protocol, ReplyDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -58,6 +58,8 @@ pub struct BackendOptions {
     /// After a failed connect, fail requests at once for this long instead
     /// of hammering a dead server.
     pub retry_after: Duration,
+    /// Protocol the connection speaks (replies are forwarded as they come).
+    pub protocol: Protocol,
 }
 
 impl Default for BackendOptions {
@@ -66,6 +68,7 @@ impl Default for BackendOptions {
             connect_timeout: Duration::from_millis(500),
             reply_timeout: Duration::from_secs(5),
             retry_after: Duration::from_millis(100),
+            protocol: Protocol::Resp2,
         }
     }
 }
@@ -87,6 +90,50 @@ pub struct Backend {
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Backend").field("addr", &self.addr).finish()
+    }
+}
+
+/// Both connections to one Redis node: RESP2 (also used for administration)
+/// and RESP3, for clients that chose RESP3 with `HELLO 3`. The RESP3 one
+/// only connects when first used.
+#[derive(Debug, Clone)]
+pub struct NodeLink {
+    resp2: Backend,
+    resp3: Backend,
+}
+
+impl NodeLink {
+    /// Starts the drivers for `addr`.
+    pub fn spawn(addr: &str, opts: BackendOptions) -> Self {
+        Self {
+            resp2: Backend::spawn(
+                addr.to_owned(),
+                BackendOptions {
+                    protocol: Protocol::Resp2,
+                    ..opts
+                },
+            ),
+            resp3: Backend::spawn(
+                addr.to_owned(),
+                BackendOptions {
+                    protocol: Protocol::Resp3,
+                    ..opts
+                },
+            ),
+        }
+    }
+
+    /// The connection for a client speaking `protocol`.
+    pub fn get(&self, protocol: Protocol) -> &Backend {
+        match protocol {
+            Protocol::Resp2 => &self.resp2,
+            Protocol::Resp3 => &self.resp3,
+        }
+    }
+
+    /// The RESP2 connection (administration).
+    pub fn admin(&self) -> &Backend {
+        &self.resp2
     }
 }
 
@@ -159,29 +206,54 @@ async fn drive(addr: String, opts: BackendOptions, mut rx: mpsc::UnboundedReceiv
             }
         }
         let stream =
-            match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(&addr)).await {
+            match tokio::time::timeout(opts.connect_timeout, connect(&addr, opts.protocol)).await {
                 Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    fail_connect(&addr, cmd, e.to_string(), &mut failed);
+                Ok(Err(reason)) => {
+                    fail_connect(&addr, cmd, reason, &mut failed);
                     continue;
                 }
                 Err(_) => {
-                    fail_connect(
-                        &addr,
-                        cmd,
-                        format!("connect timed out after {:?}", opts.connect_timeout),
-                        &mut failed,
-                    );
+                    let reason = format!("connect timed out after {:?}", opts.connect_timeout);
+                    fail_connect(&addr, cmd, reason, &mut failed);
                     continue;
                 }
             };
         failed = None;
-        let _ = stream.set_nodelay(true);
         metrics::counter!("redmesh_proxy_backend_connects_total").increment(1);
         tracing::debug!(%addr, "backend connected");
         next = run_connection(&addr, stream, cmd, &mut rx, opts.reply_timeout).await;
         metrics::counter!("redmesh_proxy_backend_disconnects_total").increment(1);
     }
+}
+
+/// Connects and, for RESP3, switches the connection with `HELLO 3` so Redis
+/// itself shapes every reply (maps, sets, doubles) for RESP3 clients.
+async fn connect(addr: &str, protocol: Protocol) -> Result<TcpStream, String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    if protocol == Protocol::Resp3 {
+        stream
+            .write_all(b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = BytesMut::with_capacity(1024);
+        let mut decoder = ReplyDecoder::new(Limits::default());
+        loop {
+            if let Some(len) = decoder.scan(&buf).map_err(|e| e.to_string())? {
+                if buf.first() == Some(&b'-') {
+                    return Err(format!(
+                        "HELLO 3 refused: {}",
+                        String::from_utf8_lossy(&buf[1..len]).trim_end()
+                    ));
+                }
+                break;
+            }
+            if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                return Err("connection closed during HELLO 3".into());
+            }
+        }
+    }
+    Ok(stream)
 }
 
 fn fail_connect(addr: &str, cmd: Cmd, reason: String, failed: &mut Option<(Instant, String)>) {

@@ -26,7 +26,7 @@ pub mod routing;
 pub mod session;
 pub mod topology;
 
-use backend::{Backend, BackendOptions};
+use backend::{BackendOptions, NodeLink};
 use nodes::NodeReport;
 use routing::RouteTable;
 
@@ -180,7 +180,7 @@ async fn reconcile_loop(
     opts: BackendOptions,
     shutdown: CancellationToken,
 ) {
-    let mut pool: HashMap<String, Backend> = HashMap::new();
+    let mut pool: HashMap<String, NodeLink> = HashMap::new();
     let mut current: Option<Arc<ProxyView>> = None;
     let mut applied: Option<(nodes::Plan, Vec<NodeReport>)> = None;
     loop {
@@ -211,7 +211,7 @@ async fn reconcile_loop(
         pool.retain(|a, _| addrs.contains(a));
         let nodes = addrs.map(|a| {
             pool.entry(a.clone())
-                .or_insert_with(|| Backend::spawn(a, opts))
+                .or_insert_with(|| NodeLink::spawn(&a, opts))
                 .clone()
         });
         let plan = nodes::plan(&view);
@@ -221,7 +221,7 @@ async fn reconcile_loop(
             {
                 reports.clone()
             }
-            _ => nodes::apply(&plan, &nodes).await,
+            _ => nodes::apply(&plan, &nodes.clone().map(|n| n.admin().clone())).await,
         };
         *reports_out.lock().unwrap_or_else(|e| e.into_inner()) = reports.clone();
         let table = RouteTable::build(&view, &nodes, &reports);

@@ -13,7 +13,7 @@ use redmesh_model::{
 };
 use redmesh_resp::Frame;
 
-use crate::backend::Backend;
+use crate::backend::NodeLink;
 use crate::nodes::NodeReport;
 
 /// Where one slot is served.
@@ -52,7 +52,7 @@ pub struct Serving {
     /// Index of this proxy in `peers`.
     pub me: usize,
     /// Connections to the local nodes.
-    pub nodes: [Backend; 2],
+    pub nodes: [NodeLink; 2],
     /// Whether each local node may serve (with the reason if not).
     pub node_ready: [Result<(), String>; 2],
     /// `CLUSTER NODES` text.
@@ -95,7 +95,7 @@ impl RouteTable {
     }
 
     /// Builds the table for `view` given the reconciled local nodes.
-    pub fn build(view: &ProxyView, nodes: &[Backend; 2], reports: &[NodeReport]) -> Self {
+    pub fn build(view: &ProxyView, nodes: &[NodeLink; 2], reports: &[NodeReport]) -> Self {
         Self {
             epoch: view.epoch(),
             serving: build_serving(view, nodes, reports),
@@ -105,7 +105,7 @@ impl RouteTable {
 
 fn build_serving(
     view: &ProxyView,
-    nodes: &[Backend; 2],
+    nodes: &[NodeLink; 2],
     reports: &[NodeReport],
 ) -> Result<Serving, String> {
     let me = &view.proxy_id;

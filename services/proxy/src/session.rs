@@ -255,7 +255,7 @@ fn dispatch(shared: &Shared, table: &RouteTable, s: &mut Session, req: &Request)
         "client" => ready(client(s, args), s),
         "command" => match serving.and_then(any_ready_node) {
             // Redis's own metadata, from a local node.
-            Some(n) => Pending::Wait(n.send(req.raw().clone())),
+            Some(n) => Pending::Wait(n.get(s.protocol).send(req.raw().clone())),
             None => ready(not_serving(table), s),
         },
         _ => route(table, s, cmd, req),
@@ -269,7 +269,7 @@ fn not_serving(table: &RouteTable) -> Frame {
     }
 }
 
-fn any_ready_node(c: &Serving) -> Option<&crate::backend::Backend> {
+fn any_ready_node(c: &Serving) -> Option<&crate::backend::NodeLink> {
     (0..2)
         .find(|&i| c.node_ready[i].is_ok())
         .map(|i| &c.nodes[i])
@@ -356,13 +356,17 @@ fn route(table: &RouteTable, s: &Session, cmd: &CommandInfo, req: &Request) -> P
         return match (0..2)
             .find(|&i| c.node_ready[i].is_ok() && c.slots.contains(&SlotRoute::Local(i as u8)))
         {
-            Some(i) => Pending::Wait(c.nodes[i].send(req.raw().clone())),
+            Some(i) => Pending::Wait(c.nodes[i].get(s.protocol).send(req.raw().clone())),
             None => ready(err("CLUSTERDOWN this proxy serves no slots right now"), s),
         };
     };
     match c.slots[usize::from(slot)] {
         SlotRoute::Local(n) => match &c.node_ready[usize::from(n)] {
-            Ok(()) => Pending::Wait(c.nodes[usize::from(n)].send(req.raw().clone())),
+            Ok(()) => Pending::Wait(
+                c.nodes[usize::from(n)]
+                    .get(s.protocol)
+                    .send(req.raw().clone()),
+            ),
             Err(why) => ready(
                 err(format!("CLUSTERDOWN slot {slot} is not available: {why}")),
                 s,
@@ -397,16 +401,21 @@ fn auth(s: &mut Session, serving: Option<&Serving>, args: &[Bytes]) -> Frame {
     }
 }
 
+/// `HELLO [protover [AUTH user pass] [SETNAME name]]`, as Redis 7: the
+/// protocol switches only if everything else succeeded, and the reply is
+/// already in the new protocol.
 fn hello(s: &mut Session, serving: Option<&Serving>, args: &[Bytes]) -> Frame {
     let mut i = 0;
+    let mut protocol = s.protocol;
     if let Some(v) = args.first() {
-        match v.as_ref() {
-            b"2" => {}
-            b"3" => return err("NOPROTO this version of redmesh speaks RESP2 only"),
+        protocol = match v.as_ref() {
+            b"2" => Protocol::Resp2,
+            b"3" => Protocol::Resp3,
             _ => return err("NOPROTO unsupported protocol version"),
-        }
+        };
         i = 1;
     }
+    let mut name = None;
     while i < args.len() {
         match lower(&args[i]).as_str() {
             "auth" if i + 2 < args.len() => {
@@ -417,7 +426,7 @@ fn hello(s: &mut Session, serving: Option<&Serving>, args: &[Bytes]) -> Frame {
                 i += 3;
             }
             "setname" if i + 1 < args.len() => {
-                s.name = Some(args[i + 1].clone());
+                name = Some(args[i + 1].clone());
                 i += 2;
             }
             other => return err(format!("ERR Syntax error in HELLO option '{other}'")),
@@ -426,10 +435,17 @@ fn hello(s: &mut Session, serving: Option<&Serving>, args: &[Bytes]) -> Frame {
     if serving.is_some_and(|c| c.password_sha256.is_some()) && !s.authenticated {
         return err("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time");
     }
+    if name.is_some() {
+        s.name = name;
+    }
+    s.protocol = protocol;
     Frame::Map(vec![
         (Frame::bulk("server"), Frame::bulk("redis")),
         (Frame::bulk("version"), Frame::bulk("7.0.15")),
-        (Frame::bulk("proto"), Frame::Integer(2)),
+        (
+            Frame::bulk("proto"),
+            Frame::Integer(if protocol == Protocol::Resp3 { 3 } else { 2 }),
+        ),
         (Frame::bulk("id"), Frame::Integer(s.id as i64)),
         (Frame::bulk("mode"), Frame::bulk("cluster")),
         (Frame::bulk("role"), Frame::bulk("master")),

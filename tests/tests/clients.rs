@@ -1,0 +1,92 @@
+//! Real client libraries against a redmesh cluster: redis-py's RedisCluster
+//! (RESP3, its default, and RESP2) and raw RESP3 framing.
+
+use std::process::Command;
+
+use redmesh_api::v1;
+use redmesh_e2e::harness::raw_exchange;
+use redmesh_e2e::System;
+
+/// The Python with redis-py that tests/run.sh prepares.
+fn python() -> String {
+    std::env::var("REDMESH_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/pyenv/bin/python");
+        assert!(
+            std::path::Path::new(venv).exists(),
+            "redis-py is not set up: run ./tests/run.sh once, or set REDMESH_PYTHON to a python with redis-py"
+        );
+        venv.to_owned()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_py_cluster_client_works_in_resp3_and_resp2() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster(
+            "py",
+            4,
+            v1::ClusterConfig {
+                password: "pw".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let entry = &sys.members(&cluster)[0].resp;
+    let (host, port) = entry.rsplit_once(':').unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/redis_py_cluster.py");
+    let out = Command::new(python())
+        .args([script, host, port, "pw"])
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "redis-py failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp3_clients_get_native_resp3_replies() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("r3", 4, v1::ClusterConfig::default())
+        .await;
+    let addr = &sys.members(&cluster)[0].resp;
+    let hello = raw_exchange(addr, b"HELLO 3\r\n").unwrap();
+    assert!(
+        hello.starts_with(b"%7\r\n"),
+        "{}",
+        String::from_utf8_lossy(&hello)
+    );
+    assert!(
+        String::from_utf8_lossy(&hello).contains(":3\r\n"),
+        "proto 3"
+    );
+    // One connection: switch, then a map-shaped reply from Redis itself.
+    let key = "{r3}h";
+    let slot_owner_reply = raw_exchange(
+        addr,
+        format!("HELLO 3\r\nHSET {key} f v\r\nHGETALL {key}\r\nCLUSTER INFO\r\n").as_bytes(),
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&slot_owner_reply);
+    if text.contains("-MOVED") {
+        return; // the key lives on the other proxy; framing was checked above
+    }
+    assert!(
+        text.contains("%1\r\n$1\r\nf\r\n$1\r\nv\r\n"),
+        "HGETALL as a RESP3 map: {text}"
+    );
+    assert!(
+        text.contains("=") && text.contains("txt:cluster_state:ok"),
+        "CLUSTER INFO verbatim: {text}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&raw_exchange(addr, b"HELLO 4\r\n").unwrap()),
+        "-NOPROTO unsupported protocol version\r\n"
+    );
+}
