@@ -113,17 +113,30 @@ fn parse_int(s: &[u8]) -> Option<i64> {
         Some((b'-', rest)) => (true, rest),
         _ => (false, s),
     };
-    if digits.is_empty() || digits.len() > 19 {
-        return None;
+    // Canonical form only, as Redis's string2ll: no leading zeros, no "-0"
+    // (a request Redis would reject must not reach a shared connection).
+    match digits {
+        [] => return None,
+        [b'0'] => return (!neg).then_some(0),
+        [b'0', ..] => return None,
+        _ if digits.len() > 19 => return None,
+        _ => {}
     }
+    // Accumulated on the sign's side, so i64::MIN parses too.
     let mut v: i64 = 0;
     for &d in digits {
         if !d.is_ascii_digit() {
             return None;
         }
-        v = v.checked_mul(10)?.checked_add(i64::from(d - b'0'))?;
+        let d = i64::from(d - b'0');
+        v = v.checked_mul(10)?;
+        v = if neg {
+            v.checked_sub(d)?
+        } else {
+            v.checked_add(d)?
+        };
     }
-    Some(if neg { -v } else { v })
+    Some(v)
 }
 
 #[derive(Debug, Default)]
@@ -420,6 +433,12 @@ impl ReplyDecoder {
                             remaining: n as u64,
                             attribute: tag == b'|',
                         });
+                        continue;
+                    }
+                    if tag == b'|' && n == 0 {
+                        // An empty attribute: a prefix of the element that
+                        // follows, not an element itself (`|-1` is a null,
+                        // as `parse_frame` reads it).
                         continue;
                     }
                 }

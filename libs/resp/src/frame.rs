@@ -40,7 +40,7 @@ pub enum Frame {
 }
 
 /// RESP protocol version a client speaks (chosen with `HELLO`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Protocol {
     /// RESP2 (default).
     #[default]
@@ -103,6 +103,23 @@ impl Frame {
     pub fn encode(&self, proto: Protocol, out: &mut BytesMut) {
         match self {
             Frame::Simple(s) => line(out, b'+', s),
+            // A simple line ends at the first CRLF (a parsed `!` blob error
+            // may hold one): RESP3 gets a blob error, RESP2 spaces for CR
+            // and LF, as Redis writes errors.
+            Frame::Error(s) if s.windows(2).any(|w| w == b"\r\n") => match proto {
+                Protocol::Resp3 => {
+                    int_line(out, b'!', s.len() as i64);
+                    out.put_slice(s);
+                    out.put_slice(b"\r\n");
+                }
+                Protocol::Resp2 => {
+                    let clean: Vec<u8> = s
+                        .iter()
+                        .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b })
+                        .collect();
+                    line(out, b'-', &clean);
+                }
+            },
             Frame::Error(s) => line(out, b'-', s),
             Frame::Integer(i) => int_line(out, b':', *i),
             Frame::Bulk(b) => bulk(out, b),
