@@ -154,13 +154,13 @@ async fn bad_requests_get_precise_errors() {
             name: "z".into(),
             node_count: 4,
             config: Some(v1::ClusterConfig {
-                compression: v1::Compression::Zstd as i32,
+                durability: v1::Durability::ReplicaAck as i32,
                 ..Default::default()
             }),
         })
         .await,
         Code::Unimplemented,
-        "compression",
+        "replica_ack",
     );
     assert_status(
         b.create_cluster(v1::CreateClusterRequest {

@@ -90,6 +90,19 @@ struct RegisterArgs {
     redis: Vec<String>,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ClientModeArg {
+    Cluster,
+    Plain,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CompressionArg {
+    None,
+    Lz4,
+    Zstd,
+}
+
 #[derive(Debug, Subcommand)]
 enum ClusterCmd {
     /// Create a cluster from free proxies.
@@ -102,6 +115,16 @@ enum ClusterCmd {
         /// Read the AUTH password clients must use from standard input.
         #[arg(long)]
         password_stdin: bool,
+        /// How clients connect: `cluster` (cluster-aware clients, MOVED
+        /// redirects) or `plain` (any proxy serves every key).
+        #[arg(long, value_enum, default_value_t = ClientModeArg::Cluster)]
+        client_mode: ClientModeArg,
+        /// Compress string values at least `--compression-threshold` bytes long.
+        #[arg(long, value_enum, default_value_t = CompressionArg::None)]
+        compression: CompressionArg,
+        /// Smallest value, in bytes, that is compressed.
+        #[arg(long, default_value_t = 256)]
+        compression_threshold: u32,
     },
     /// Show one cluster.
     Get {
@@ -242,6 +265,11 @@ fn slot_summary(c: &v1::Cluster) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// `CLIENT_MODE_PLAIN` → `plain`.
+fn enum_label(name: &str) -> String {
+    name.rsplit('_').next().unwrap_or(name).to_lowercase()
+}
+
 fn print_cluster(c: &v1::Cluster, proxies: &[v1::Proxy]) {
     let cfg = c.config.clone().unwrap_or_default();
     println!("cluster   {}", c.name);
@@ -252,6 +280,18 @@ fn print_cluster(c: &v1::Cluster, proxies: &[v1::Proxy]) {
         "password  {}",
         if cfg.password_set { "set" } else { "none" }
     );
+    let plain = cfg.client_mode() == v1::ClientMode::Plain;
+    println!("clients   {}", if plain { "plain" } else { "cluster" });
+    if matches!(
+        cfg.compression(),
+        v1::Compression::Lz4 | v1::Compression::Zstd
+    ) {
+        println!(
+            "compress  {} (values of {} bytes or more)",
+            enum_label(cfg.compression().as_str_name()),
+            cfg.compression_threshold
+        );
+    }
     let mut t = table(&[
         "SHARD",
         "MASTER (proxy/node)",
@@ -376,6 +416,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 name,
                 nodes,
                 password_stdin,
+                client_mode,
+                compression,
+                compression_threshold,
             } => {
                 let password = if password_stdin {
                     read_password()?
@@ -388,6 +431,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         node_count: nodes,
                         config: Some(v1::ClusterConfig {
                             password,
+                            client_mode: match client_mode {
+                                ClientModeArg::Cluster => v1::ClientMode::Cluster,
+                                ClientModeArg::Plain => v1::ClientMode::Plain,
+                            } as i32,
+                            compression: match compression {
+                                CompressionArg::None => v1::Compression::None,
+                                CompressionArg::Lz4 => v1::Compression::Lz4,
+                                CompressionArg::Zstd => v1::Compression::Zstd,
+                            } as i32,
+                            compression_threshold,
                             ..Default::default()
                         }),
                     })

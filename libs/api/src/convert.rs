@@ -322,6 +322,7 @@ impl From<&Cluster> for v1::Cluster {
             node_count: c.node_count(),
             created_at: Some(timestamp(c.created_at)),
             next_shard_id: c.next_shard_id,
+            peer_secret: c.peer_secret.clone(),
         }
     }
 }
@@ -399,18 +400,21 @@ impl TryFrom<&v1::Cluster> for Cluster {
             task,
             created_at: system_time(c.created_at.as_ref()),
             next_shard_id: c.next_shard_id,
+            peer_secret: c.peer_secret.clone(),
         };
         cluster.check()?;
         Ok(cluster)
     }
 }
 
-/// A cluster as the public API shows it: the password digest stripped.
+/// A cluster as the public API shows it: password digest and peer secret
+/// stripped (only proxies receive them, in their topology).
 pub fn public_cluster(c: &Cluster) -> v1::Cluster {
     let mut out = v1::Cluster::from(c);
     if let Some(cfg) = out.config.as_mut() {
         cfg.password_sha256.clear();
     }
+    out.peer_secret.clear();
     out
 }
 
@@ -504,6 +508,7 @@ mod tests {
         let c = Cluster::new_layout(
             ClusterName::parse("demo").unwrap(),
             "u".into(),
+            "peer-secret".into(),
             cfg,
             vec![Chunk {
                 proxies: [ProxyId::parse("a").unwrap(), ProxyId::parse("b").unwrap()],
@@ -519,6 +524,7 @@ mod tests {
         let public = public_cluster(&c);
         let cfg = public.config.unwrap();
         assert!(cfg.password_set && cfg.password.is_empty() && cfg.password_sha256.is_empty());
+        assert!(public.peer_secret.is_empty());
     }
 
     #[test]

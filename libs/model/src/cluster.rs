@@ -182,6 +182,8 @@ pub struct Cluster {
     pub created_at: SystemTime,
     /// Next shard id to hand out.
     pub next_shard_id: ShardId,
+    /// Secret proxies of this cluster use to authenticate to each other.
+    pub peer_secret: String,
 }
 
 /// What a proxy should make of one of its local Redis nodes.
@@ -210,6 +212,7 @@ impl Cluster {
     pub fn new_layout(
         name: ClusterName,
         uid: String,
+        peer_secret: String,
         config: ClusterConfig,
         chunks: Vec<Chunk>,
         epoch: Epoch,
@@ -259,6 +262,7 @@ impl Cluster {
             task: ClusterTask::default(),
             created_at,
             next_shard_id,
+            peer_secret,
         };
         cluster.check()?;
         Ok(cluster)
@@ -446,6 +450,7 @@ mod tests {
         Cluster::new_layout(
             ClusterName::parse("c").unwrap(),
             "uid".into(),
+            "secret".into(),
             ClusterConfig::default(),
             vec![
                 Chunk {

@@ -59,21 +59,9 @@ pub fn check_node_count(node_count: u32) -> Result<usize, ModelError> {
 /// Refuses settings this version cannot honour yet, instead of storing a
 /// promise the proxies would not keep.
 fn check_supported(config: &ClusterConfig) -> Result<(), ModelError> {
-    if config.compression != Compression::None {
-        return Err(ModelError::Unsupported(
-            "config.compression: value compression is not supported by this version of redmesh"
-                .into(),
-        ));
-    }
     if config.durability != Durability::Async {
         return Err(ModelError::Unsupported(
             "config.durability: replica_ack durability is not supported by this version of redmesh"
-                .into(),
-        ));
-    }
-    if config.client_mode != ClientMode::Cluster {
-        return Err(ModelError::Unsupported(
-            "config.client_mode: plain client mode is not supported by this version of redmesh"
                 .into(),
         ));
     }
@@ -200,6 +188,12 @@ impl Ops {
         let chunk_count = check_node_count(node_count)?;
         check_supported(&config)?;
         let uid = uuid::Uuid::new_v4().to_string();
+        // Two v4 UUIDs: 244 random bits from the OS generator.
+        let peer_secret = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
         self.repo
             .update(|snap, epoch| {
                 if snap.clusters.contains_key(&name) {
@@ -212,6 +206,7 @@ impl Ops {
                 let cluster = Cluster::new_layout(
                     name.clone(),
                     uid.clone(),
+                    peer_secret.clone(),
                     config.clone(),
                     chunks,
                     epoch,
@@ -310,6 +305,15 @@ impl Ops {
                     c.password_sha256 = v;
                 }
                 if let Some(v) = patch.compression {
+                    // Stored values may be compressed: without it proxies
+                    // would hand clients the compressed bytes. Switching
+                    // algorithm is fine, every proxy reads both.
+                    if v == Compression::None && c.compression != Compression::None {
+                        return Err(ModelError::FailedPrecondition(format!(
+                            "config.compression: cluster {name} may hold compressed values, \
+                             so compression cannot be turned off"
+                        )));
+                    }
                     c.compression = v;
                 }
                 if let Some(v) = patch.compression_threshold {
@@ -506,7 +510,7 @@ mod tests {
         let ops = ops();
         pool(&ops, 2).await;
         let cfg = ClusterConfig {
-            compression: Compression::Lz4,
+            durability: Durability::ReplicaAck,
             ..ClusterConfig::default()
         };
         let err = ops.create_cluster(name("c"), 4, cfg).await.unwrap_err();
@@ -514,6 +518,27 @@ mod tests {
             matches!(err, MetaError::Model(ModelError::Unsupported(_))),
             "{err}"
         );
+        // Compression can change algorithm but never be turned off.
+        let cfg = ClusterConfig {
+            compression: Compression::Lz4,
+            ..ClusterConfig::default()
+        };
+        ops.create_cluster(name("c"), 4, cfg).await.unwrap();
+        let off = ConfigPatch {
+            compression: Some(Compression::None),
+            ..ConfigPatch::default()
+        };
+        let err = ops.update_config(&name("c"), off).await.unwrap_err();
+        assert!(
+            matches!(err, MetaError::Model(ModelError::FailedPrecondition(_))),
+            "{err}"
+        );
+        let zstd = ConfigPatch {
+            compression: Some(Compression::Zstd),
+            ..ConfigPatch::default()
+        };
+        let c = ops.update_config(&name("c"), zstd).await.unwrap();
+        assert_eq!(c.config.compression, Compression::Zstd);
     }
 
     #[tokio::test]
