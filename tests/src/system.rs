@@ -148,6 +148,8 @@ pub struct ProxyNode {
     pub host: String,
     /// RESP address.
     pub resp: String,
+    /// Second RESP address, always in plain-client mode.
+    pub plain: String,
     /// Admin gRPC address.
     pub admin: String,
     /// Its Redis nodes.
@@ -176,6 +178,8 @@ impl ProxyNode {
             &self.id,
             "--listen",
             &self.resp,
+            "--plain-listen",
+            &self.plain,
             "--admin-listen",
             &self.admin,
             "--broker",
@@ -267,6 +271,7 @@ impl System {
                 id: format!("proxy-{i}"),
                 host: if i % 2 == 0 { "host-a" } else { "host-b" }.into(),
                 resp: format!("127.0.0.1:{}", free_port()),
+                plain: format!("127.0.0.1:{}", free_port()),
                 admin: format!("127.0.0.1:{}", free_port()),
                 redis: [Redis::start(), Redis::start()],
                 child: None,
@@ -331,6 +336,24 @@ impl System {
             .iter()
             .find(|p| p.id == id)
             .unwrap_or_else(|| panic!("no proxy {id}"))
+    }
+
+    /// The proxy whose Redis node is master of `key`'s slot, and that node.
+    pub fn key_master(&self, cluster: &v1::Cluster, key: &[u8]) -> (&ProxyNode, &Redis) {
+        let slot = u32::from(redmesh_model::key_slot(key));
+        let a = cluster
+            .slots
+            .iter()
+            .find(|a| a.range.is_some_and(|r| r.start <= slot && slot <= r.end))
+            .unwrap_or_else(|| panic!("slot {slot} is unassigned in {}", cluster.name));
+        let shard = cluster
+            .shards
+            .iter()
+            .find(|s| s.id == a.shard_id)
+            .expect("assigned shard exists");
+        let master = shard.master.as_ref().expect("shard has a master");
+        let proxy = self.proxy(&master.proxy_id);
+        (proxy, &proxy.redis[master.node_index as usize])
     }
 
     /// Proxies of a cluster.

@@ -58,10 +58,8 @@ async fn errors_use_redis_wording_and_protocol_errors_close() {
     assert!(text(&raw_exchange(addr, b"CLUSTER FOO\r\n").unwrap())
         .starts_with("-ERR unknown subcommand 'FOO'"));
     for (cmd, why) in [
-        (&b"MULTI\r\n"[..], "transactions"),
-        (b"BLPOP k 0\r\n", "blocking"),
-        (b"SUBSCRIBE ch\r\n", "pub/sub"),
-        (b"CONFIG GET maxmemory\r\n", "not allowed"),
+        (&b"CONFIG GET maxmemory\r\n"[..], "not allowed"),
+        (b"MOVE k 1\r\n", "not allowed"),
         (b"REPLICAOF NO ONE\r\n", "not allowed"),
     ] {
         let reply = text(&raw_exchange(addr, cmd).unwrap());
@@ -184,16 +182,7 @@ fn split_replies(b: &[u8]) -> Vec<String> {
 }
 
 fn key_owner(sys: &System, cluster: &v1::Cluster, key: &[u8]) -> String {
-    let slot = u32::from(redmesh_model::key_slot(key));
-    let a = cluster
-        .slots
-        .iter()
-        .find(|a| a.range.is_some_and(|r| r.start <= slot && slot <= r.end))
-        .unwrap();
-    let shard = cluster.shards.iter().find(|s| s.id == a.shard_id).unwrap();
-    sys.proxy(&shard.master.as_ref().unwrap().proxy_id)
-        .resp
-        .clone()
+    sys.key_master(cluster, key).0.resp.clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

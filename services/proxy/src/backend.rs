@@ -58,8 +58,15 @@ pub struct BackendOptions {
     /// After a failed connect, fail requests at once for this long instead
     /// of hammering a dead server.
     pub retry_after: Duration,
-    /// Protocol the connection speaks (replies are forwarded as they come).
+}
+
+/// What a new connection says before it carries requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Handshake {
+    /// `HELLO 3` for RESP3 (Redis then shapes replies for RESP3 clients).
     pub protocol: Protocol,
+    /// `AUTH user password` (peer proxies).
+    pub auth: Option<(String, String)>,
 }
 
 impl Default for BackendOptions {
@@ -68,7 +75,6 @@ impl Default for BackendOptions {
             connect_timeout: Duration::from_millis(500),
             reply_timeout: Duration::from_secs(5),
             retry_after: Duration::from_millis(100),
-            protocol: Protocol::Resp2,
         }
     }
 }
@@ -93,59 +99,15 @@ impl std::fmt::Debug for Backend {
     }
 }
 
-/// Both connections to one Redis node: RESP2 (also used for administration)
-/// and RESP3, for clients that chose RESP3 with `HELLO 3`. The RESP3 one
-/// only connects when first used.
-#[derive(Debug, Clone)]
-pub struct NodeLink {
-    resp2: Backend,
-    resp3: Backend,
-}
-
-impl NodeLink {
-    /// Starts the drivers for `addr`.
-    pub fn spawn(addr: &str, opts: BackendOptions) -> Self {
-        Self {
-            resp2: Backend::spawn(
-                addr.to_owned(),
-                BackendOptions {
-                    protocol: Protocol::Resp2,
-                    ..opts
-                },
-            ),
-            resp3: Backend::spawn(
-                addr.to_owned(),
-                BackendOptions {
-                    protocol: Protocol::Resp3,
-                    ..opts
-                },
-            ),
-        }
-    }
-
-    /// The connection for a client speaking `protocol`.
-    pub fn get(&self, protocol: Protocol) -> &Backend {
-        match protocol {
-            Protocol::Resp2 => &self.resp2,
-            Protocol::Resp3 => &self.resp3,
-        }
-    }
-
-    /// The RESP2 connection (administration).
-    pub fn admin(&self) -> &Backend {
-        &self.resp2
-    }
-}
-
 /// A pending reply.
 pub type ReplyRx = oneshot::Receiver<Result<Bytes, BackendError>>;
 
 impl Backend {
-    /// Starts the connection driver for `addr` (connects on first use). The
-    /// driver ends when every handle is dropped.
-    pub fn spawn(addr: String, opts: BackendOptions) -> Self {
+    /// Starts the connection driver for `addr` (connects on first use,
+    /// saying `handshake` first). The driver ends when every handle is dropped.
+    pub fn spawn(addr: String, handshake: Handshake, opts: BackendOptions) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(drive(addr.clone(), opts, rx));
+        tokio::spawn(drive(addr.clone(), handshake, opts, rx));
         Self { addr, tx }
     }
 
@@ -185,7 +147,12 @@ impl Backend {
     }
 }
 
-async fn drive(addr: String, opts: BackendOptions, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+async fn drive(
+    addr: String,
+    handshake: Handshake,
+    opts: BackendOptions,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+) {
     let mut failed: Option<(Instant, String)> = None;
     let mut next: Option<Cmd> = None;
     loop {
@@ -205,19 +172,13 @@ async fn drive(addr: String, opts: BackendOptions, mut rx: mpsc::UnboundedReceiv
                 continue;
             }
         }
-        let stream =
-            match tokio::time::timeout(opts.connect_timeout, connect(&addr, opts.protocol)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(reason)) => {
-                    fail_connect(&addr, cmd, reason, &mut failed);
-                    continue;
-                }
-                Err(_) => {
-                    let reason = format!("connect timed out after {:?}", opts.connect_timeout);
-                    fail_connect(&addr, cmd, reason, &mut failed);
-                    continue;
-                }
-            };
+        let stream = match open(&addr, &handshake, opts.connect_timeout).await {
+            Ok(s) => s,
+            Err(reason) => {
+                fail_connect(&addr, cmd, reason, &mut failed);
+                continue;
+            }
+        };
         failed = None;
         metrics::counter!("redmesh_proxy_backend_connects_total").increment(1);
         tracing::debug!(%addr, "backend connected");
@@ -226,31 +187,53 @@ async fn drive(addr: String, opts: BackendOptions, mut rx: mpsc::UnboundedReceiv
     }
 }
 
-/// Connects and, for RESP3, switches the connection with `HELLO 3` so Redis
-/// itself shapes every reply (maps, sets, doubles) for RESP3 clients.
-async fn connect(addr: &str, protocol: Protocol) -> Result<TcpStream, String> {
+/// Connects to `addr` and performs `handshake` (AUTH, then HELLO 3), all
+/// within `timeout`. Errors are the reason, for `Unavailable`.
+pub async fn open(
+    addr: &str,
+    handshake: &Handshake,
+    timeout: Duration,
+) -> Result<TcpStream, String> {
+    match tokio::time::timeout(timeout, open_inner(addr, handshake)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("connect timed out after {timeout:?}")),
+    }
+}
+
+async fn open_inner(addr: &str, handshake: &Handshake) -> Result<TcpStream, String> {
     let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    if protocol == Protocol::Resp3 {
-        stream
-            .write_all(b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n")
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = BytesMut::with_capacity(1024);
-        let mut decoder = ReplyDecoder::new(Limits::default());
-        loop {
+    let mut hello = BytesMut::new();
+    let mut expected = Vec::new();
+    if let Some((user, pass)) = &handshake.auth {
+        encode_command(&["AUTH", user.as_str(), pass.as_str()], &mut hello);
+        expected.push("AUTH");
+    }
+    if handshake.protocol == Protocol::Resp3 {
+        encode_command(&["HELLO", "3"], &mut hello);
+        expected.push("HELLO 3");
+    }
+    if expected.is_empty() {
+        return Ok(stream);
+    }
+    stream.write_all(&hello).await.map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut decoder = ReplyDecoder::new(Limits::default());
+    for what in expected {
+        let len = loop {
             if let Some(len) = decoder.scan(&buf).map_err(|e| e.to_string())? {
-                if buf.first() == Some(&b'-') {
-                    return Err(format!(
-                        "HELLO 3 refused: {}",
-                        String::from_utf8_lossy(&buf[1..len]).trim_end()
-                    ));
-                }
-                break;
+                break len;
             }
             if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                return Err("connection closed during HELLO 3".into());
+                return Err(format!("connection closed during {what}"));
             }
+        };
+        let reply = buf.split_to(len);
+        if reply.first() == Some(&b'-') {
+            return Err(format!(
+                "{what} refused: {}",
+                String::from_utf8_lossy(&reply[1..]).trim_end()
+            ));
         }
     }
     Ok(stream)
@@ -443,7 +426,7 @@ mod tests {
     #[tokio::test]
     async fn replies_come_back_in_order() {
         let (addr, _srv) = counting_server().await;
-        let b = Backend::spawn(addr, BackendOptions::default());
+        let b = Backend::spawn(addr, Handshake::default(), BackendOptions::default());
         let rxs: Vec<ReplyRx> = (0..100)
             .map(|_| b.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n")))
             .collect();
@@ -461,7 +444,11 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let b = Backend::spawn(format!("127.0.0.1:{port}"), BackendOptions::default());
+        let b = Backend::spawn(
+            format!("127.0.0.1:{port}"),
+            Handshake::default(),
+            BackendOptions::default(),
+        );
         let err = b.call(&["PING"]).await.unwrap_err();
         assert!(matches!(err, BackendError::Unavailable { .. }), "{err}");
         assert!(err.to_string().contains(&port.to_string()), "{err}");
@@ -479,7 +466,7 @@ mod tests {
             // Close while idle, and stop listening: the next request cannot
             // be delivered anywhere.
         });
-        let b = Backend::spawn(addr, BackendOptions::default());
+        let b = Backend::spawn(addr, Handshake::default(), BackendOptions::default());
         assert_eq!(
             b.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"))
                 .await
@@ -508,7 +495,7 @@ mod tests {
             reply_timeout: Duration::from_millis(200),
             ..BackendOptions::default()
         };
-        let b = Backend::spawn(addr, opts);
+        let b = Backend::spawn(addr, Handshake::default(), opts);
         let first = b.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"));
         let second = b.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"));
         assert!(matches!(

@@ -21,14 +21,18 @@ use tonic::service::RoutesBuilder;
 
 pub mod admin;
 pub mod backend;
+pub mod compress;
+pub mod dedicated;
+pub mod link;
 pub mod nodes;
 pub mod routing;
 pub mod session;
 pub mod topology;
 
-use backend::{BackendOptions, NodeLink};
+use backend::BackendOptions;
+use link::Link;
 use nodes::NodeReport;
-use routing::RouteTable;
+use routing::{Links as _, RouteTable};
 
 /// Proxy configuration (flags, with `REDMESH_*` environment overrides).
 #[derive(Debug, Clone, clap::Parser)]
@@ -44,6 +48,11 @@ pub struct Config {
     /// RESP listen address for clients.
     #[arg(long, env = "REDMESH_PROXY_LISTEN", default_value = "127.0.0.1:7001")]
     pub listen: String,
+    /// Optional second RESP listener in plain-client mode: every key is
+    /// served there by forwarding to its owner, for clients that know
+    /// nothing of clusters.
+    #[arg(long, env = "REDMESH_PROXY_PLAIN_LISTEN")]
+    pub plain_listen: Option<String>,
     /// ProxyAdmin gRPC listen address.
     #[arg(
         long,
@@ -79,6 +88,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen for clients on {}", config.listen))?;
+    let plain_listener = match &config.plain_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for plain clients on {addr}"))?,
+        ),
+        None => None,
+    };
     let admin_listener = grpc::bind(&config.admin_listen).await?;
     let feed = topology::spawn(config.brokers.clone(), proxy_id.clone(), shutdown.clone());
     let (table_tx, table_rx) = watch::channel(Arc::new(RouteTable::empty()));
@@ -127,9 +144,49 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!(id = %proxy_id, listen = %config.listen, admin = %config.admin_listen, brokers = ?config.brokers, "proxy serving");
 
     let sessions = TaskTracker::new();
+    let accepts = TaskTracker::new();
+    accepts.spawn(accept_loop(
+        listener,
+        session::ListenerMode::Configured,
+        shared.clone(),
+        sessions.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(l) = plain_listener {
+        tracing::info!(listen = ?config.plain_listen, "plain-client listener serving");
+        accepts.spawn(accept_loop(
+            l,
+            session::ListenerMode::Plain,
+            shared.clone(),
+            sessions.clone(),
+            shutdown.clone(),
+        ));
+    }
+    accepts.close();
+    accepts.wait().await;
+    sessions.close();
+    if tokio::time::timeout(session::DRAIN_TIMEOUT, sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some client connections did not drain in time");
+    }
+    let _ = admin_task.await;
+    tracing::info!("proxy stopped");
+    Ok(())
+}
+
+/// Accepts clients until `shutdown`; each session is tracked for draining.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    mode: session::ListenerMode,
+    shared: Arc<session::Shared>,
+    sessions: TaskTracker,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     let shared = shared.clone();
@@ -137,7 +194,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     sessions.spawn(async move {
                         shared.clients.fetch_add(1, Ordering::Relaxed);
                         metrics::gauge!("redmesh_proxy_client_connections").increment(1.0);
-                        session::serve(stream, shared.clone(), stop).await;
+                        session::serve(stream, mode, shared.clone(), stop).await;
                         shared.clients.fetch_sub(1, Ordering::Relaxed);
                         metrics::gauge!("redmesh_proxy_client_connections").decrement(1.0);
                     });
@@ -150,17 +207,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             },
         }
     }
-    drop(listener);
-    sessions.close();
-    if tokio::time::timeout(session::DRAIN_TIMEOUT, sessions.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some client connections did not drain in time");
-    }
-    let _ = admin_task.await;
-    tracing::info!("proxy stopped");
-    Ok(())
 }
 
 /// Re-check the local nodes this often even when nothing changed, so a
@@ -180,7 +226,7 @@ async fn reconcile_loop(
     opts: BackendOptions,
     shutdown: CancellationToken,
 ) {
-    let mut pool: HashMap<String, NodeLink> = HashMap::new();
+    let mut links = LinkPool::new(opts);
     let mut current: Option<Arc<ProxyView>> = None;
     let mut applied: Option<(nodes::Plan, Vec<NodeReport>)> = None;
     loop {
@@ -207,13 +253,12 @@ async fn reconcile_loop(
             applied = None;
             continue;
         };
-        let addrs = proxy.spec.redis_nodes.clone().map(|a| a.to_string());
-        pool.retain(|a, _| addrs.contains(a));
-        let nodes = addrs.map(|a| {
-            pool.entry(a.clone())
-                .or_insert_with(|| NodeLink::spawn(&a, opts))
-                .clone()
-        });
+        links.begin();
+        let admins = proxy
+            .spec
+            .redis_nodes
+            .clone()
+            .map(|a| links.node(a.as_str()).admin().clone());
         let plan = nodes::plan(&view);
         let reports = match &applied {
             Some((last, reports))
@@ -221,10 +266,11 @@ async fn reconcile_loop(
             {
                 reports.clone()
             }
-            _ => nodes::apply(&plan, &nodes.clone().map(|n| n.admin().clone())).await,
+            _ => nodes::apply(&plan, &admins).await,
         };
         *reports_out.lock().unwrap_or_else(|e| e.into_inner()) = reports.clone();
-        let table = RouteTable::build(&view, &nodes, &reports);
+        let table = RouteTable::build(&view, &mut links, &reports);
+        links.finish();
         if table.epoch != table_tx.borrow().epoch || !recheck {
             tracing::info!(
                 epoch = table.epoch,
@@ -234,6 +280,66 @@ async fn reconcile_loop(
         }
         table_tx.send_replace(Arc::new(table));
         applied = Some((plan, reports));
+    }
+}
+
+/// Links by address and identity, kept across epochs; links no table uses
+/// any more are dropped after each build (closing their connections).
+struct LinkPool {
+    opts: BackendOptions,
+    nodes: HashMap<String, Link>,
+    peers: HashMap<(String, String), Link>,
+    used_nodes: std::collections::HashSet<String>,
+    used_peers: std::collections::HashSet<(String, String)>,
+}
+
+impl LinkPool {
+    fn new(opts: BackendOptions) -> Self {
+        Self {
+            opts,
+            nodes: HashMap::new(),
+            peers: HashMap::new(),
+            used_nodes: Default::default(),
+            used_peers: Default::default(),
+        }
+    }
+
+    fn begin(&mut self) {
+        self.used_nodes.clear();
+        self.used_peers.clear();
+    }
+
+    fn finish(&mut self) {
+        let (un, up) = (&self.used_nodes, &self.used_peers);
+        self.nodes.retain(|k, _| un.contains(k));
+        self.peers.retain(|k, _| up.contains(k));
+    }
+}
+
+impl routing::Links for LinkPool {
+    fn node(&mut self, addr: &str) -> Link {
+        self.used_nodes.insert(addr.to_owned());
+        let opts = self.opts;
+        self.nodes
+            .entry(addr.to_owned())
+            .or_insert_with(|| Link::new(addr, None, opts))
+            .clone()
+    }
+
+    fn peer(&mut self, addr: &str, secret: &str) -> Link {
+        let key = (addr.to_owned(), secret.to_owned());
+        self.used_peers.insert(key.clone());
+        let opts = self.opts;
+        self.peers
+            .entry(key)
+            .or_insert_with(|| {
+                Link::new(
+                    addr,
+                    Some((routing::PEER_USER.to_owned(), secret.to_owned())),
+                    opts,
+                )
+            })
+            .clone()
     }
 }
 

@@ -2,29 +2,54 @@
 //! epoch, with the CLUSTER replies that describe it precomputed.
 //!
 //! Clients see each proxy as a Redis Cluster master owning the slots of
-//! every shard whose master node it hosts. The data path only reads this
-//! immutable table; a new epoch swaps in a new one.
+//! every shard whose master node it hosts. A proxy also hosts a replica of
+//! its partner's shard and serves reads of those slots from it after
+//! `READONLY`, but it is not listed as that shard's replica: it is a master
+//! itself, and cluster clients key nodes by address, so one address cannot
+//! be both (redis-py would lose the master).
+//! The data path only reads this immutable table; a new epoch swaps in a
+//! new one.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use redmesh_model::{
-    node_id, Address, ClusterName, ProxyId, ProxyState, ProxyView, Slot, SlotRange, SLOT_COUNT,
+    node_id, Address, ClientMode, ClusterName, Compression, NodeRole, ProxyId, ProxyState,
+    ProxyView, Slot, SlotRange, SLOT_COUNT,
 };
 use redmesh_resp::Frame;
 
-use crate::backend::NodeLink;
+use crate::link::Link;
 use crate::nodes::NodeReport;
 
-/// Where one slot is served.
+/// Who serves one slot's writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotRoute {
-    /// By this proxy's local node (0 or 1).
+    /// This proxy's local node (0 or 1).
     Local(u8),
-    /// By another proxy (index into `Serving::peers`).
+    /// Another proxy (index into `Serving::peers`).
     Moved(u16),
-    /// By nobody reachable (inconsistent metadata).
+    /// Nobody reachable (inconsistent metadata).
     Down,
+}
+
+/// One slot: its owner, and the local node holding a replica of it (for
+/// `READONLY` reads), if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotEntry {
+    /// Owner.
+    pub route: SlotRoute,
+    /// Local node replicating the slot's shard.
+    pub replica: Option<u8>,
+}
+
+/// Where a request runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// A local Redis node.
+    Local(u8),
+    /// A peer proxy (index into `Serving::peers`), in plain-client mode.
+    Peer(u16),
 }
 
 /// A proxy of the cluster as clients see it.
@@ -36,6 +61,8 @@ pub struct Peer {
     pub node_id: String,
     /// RESP address clients connect to.
     pub addr: Address,
+    /// Connections to it as a peer (None for this proxy itself).
+    pub link: Option<Link>,
 }
 
 /// Everything needed to serve a cluster.
@@ -45,16 +72,29 @@ pub struct Serving {
     pub name: ClusterName,
     /// Required password digest.
     pub password_sha256: Option<[u8; 32]>,
-    /// Route of every slot.
-    pub slots: Vec<SlotRoute>,
+    /// Secret peer proxies present (`AUTH redmesh-peer <secret>`).
+    pub peer_secret: String,
+    /// Cluster or plain client protocol on the main listener.
+    pub client_mode: ClientMode,
+    /// Value compression.
+    pub compression: Compression,
+    /// Smallest value compressed.
+    pub compression_threshold: usize,
+    /// Every slot.
+    pub slots: Vec<SlotEntry>,
     /// All proxies of the cluster, sorted by id.
     pub peers: Vec<Peer>,
     /// Index of this proxy in `peers`.
     pub me: usize,
     /// Connections to the local nodes.
-    pub nodes: [NodeLink; 2],
+    pub nodes: [Link; 2],
     /// Whether each local node may serve (with the reason if not).
     pub node_ready: [Result<(), String>; 2],
+    /// Local master nodes that serve slots, ready ones only, ascending.
+    pub local_masters: Vec<u8>,
+    /// Local node carrying this proxy's cluster-wide pub/sub: the first
+    /// local master. Every proxy computes every proxy's choice the same way.
+    pub pubsub_node: Option<u8>,
     /// `CLUSTER NODES` text.
     pub cluster_nodes: Bytes,
     /// `CLUSTER SLOTS` reply.
@@ -65,6 +105,26 @@ pub struct Serving {
     pub cluster_info: Bytes,
 }
 
+impl Serving {
+    /// The connections of a target (peers always have a link).
+    pub fn link(&self, t: Target) -> Option<&Link> {
+        match t {
+            Target::Local(n) => self.nodes.get(usize::from(n)),
+            Target::Peer(i) => self.peers.get(usize::from(i)).and_then(|p| p.link.as_ref()),
+        }
+    }
+
+    /// The entry of `slot`.
+    pub fn slot(&self, slot: Slot) -> SlotEntry {
+        self.slots[usize::from(slot)]
+    }
+
+    /// Index of the member proxy whose RESP address is `addr`.
+    pub fn peer_by_addr(&self, addr: &str) -> Option<usize> {
+        self.peers.iter().position(|p| p.addr.as_str() == addr)
+    }
+}
+
 /// The table for one epoch.
 #[derive(Debug)]
 pub struct RouteTable {
@@ -72,6 +132,15 @@ pub struct RouteTable {
     pub epoch: u64,
     /// The cluster served, or `Err(reason)` when not serving.
     pub serving: Result<Serving, String>,
+}
+
+/// Where the table finds connections: one `Link` per address and identity,
+/// kept across epochs so a topology change does not reconnect everything.
+pub trait Links {
+    /// Links to a local Redis node.
+    fn node(&mut self, addr: &str) -> Link;
+    /// Links to a peer proxy, authenticated with the cluster's peer secret.
+    fn peer(&mut self, addr: &str, secret: &str) -> Link;
 }
 
 impl RouteTable {
@@ -95,17 +164,20 @@ impl RouteTable {
     }
 
     /// Builds the table for `view` given the reconciled local nodes.
-    pub fn build(view: &ProxyView, nodes: &[NodeLink; 2], reports: &[NodeReport]) -> Self {
+    pub fn build(view: &ProxyView, links: &mut dyn Links, reports: &[NodeReport]) -> Self {
         Self {
             epoch: view.epoch(),
-            serving: build_serving(view, nodes, reports),
+            serving: build_serving(view, links, reports),
         }
     }
 }
 
+/// The user name peer proxies authenticate with.
+pub const PEER_USER: &str = "redmesh-peer";
+
 fn build_serving(
     view: &ProxyView,
-    nodes: &[NodeLink; 2],
+    links: &mut dyn Links,
     reports: &[NodeReport],
 ) -> Result<Serving, String> {
     let me = &view.proxy_id;
@@ -125,53 +197,81 @@ fn build_serving(
             id: p.id().clone(),
             node_id: node_id(p.id()),
             addr: p.spec.resp_address.clone(),
+            link: (p.id() != me)
+                .then(|| links.peer(p.spec.resp_address.as_str(), &cluster.peer_secret)),
         })
         .collect();
     let my_index = peers
         .iter()
         .position(|p| &p.id == me)
         .ok_or_else(|| format!("proxy {me} is missing from its cluster's members"))?;
-    let mut slots = vec![SlotRoute::Down; usize::from(SLOT_COUNT)];
-    for a in &cluster.slots {
-        let route = match cluster.shard(a.shard) {
-            Some(shard) if &shard.master.proxy_id == me => {
-                SlotRoute::Local(shard.master.node_index)
-            }
-            Some(shard) => peers
-                .iter()
-                .position(|p| p.id == shard.master.proxy_id)
-                .map_or(SlotRoute::Down, |i| SlotRoute::Moved(i as u16)),
-            None => SlotRoute::Down,
-        };
-        for s in a.range.slots() {
-            slots[usize::from(s)] = route;
-        }
-    }
+    let nodes = proxy
+        .spec
+        .redis_nodes
+        .clone()
+        .map(|a| links.node(a.as_str()));
     let node_ready = [0, 1].map(|i| {
         reports.get(i).map_or_else(
             || Err("local node not configured yet".to_owned()),
             |r| r.outcome.clone(),
         )
     });
-    let owner = |s: Slot| match slots[usize::from(s)] {
+    let peer_index = |id: &ProxyId| peers.iter().position(|p| &p.id == id);
+
+    // Per shard: owner route and local replica node.
+    let mut slots = vec![
+        SlotEntry {
+            route: SlotRoute::Down,
+            replica: None,
+        };
+        usize::from(SLOT_COUNT)
+    ];
+    for a in &cluster.slots {
+        let Some(shard) = cluster.shard(a.shard) else {
+            continue;
+        };
+        let route = if &shard.master.proxy_id == me {
+            SlotRoute::Local(shard.master.node_index)
+        } else {
+            peer_index(&shard.master.proxy_id)
+                .map_or(SlotRoute::Down, |i| SlotRoute::Moved(i as u16))
+        };
+        let replica = shard
+            .replicas
+            .iter()
+            .find(|r| &r.proxy_id == me)
+            .map(|r| r.node_index)
+            .filter(|n| node_ready[usize::from(*n)].is_ok());
+        for s in a.range.slots() {
+            slots[usize::from(s)] = SlotEntry { route, replica };
+        }
+    }
+    let roles = cluster.node_roles(me);
+    let local_masters: Vec<u8> = (0..2u8)
+        .filter(|&n| matches!(roles[usize::from(n)], NodeRole::Master { .. }))
+        .filter(|&n| node_ready[usize::from(n)].is_ok())
+        .filter(|&n| slots.iter().any(|e| e.route == SlotRoute::Local(n)))
+        .collect();
+    let pubsub_node = local_masters.first().copied();
+
+    let owner = |s: usize| match slots[s].route {
         SlotRoute::Local(_) => Some(my_index),
         SlotRoute::Moved(i) => Some(usize::from(i)),
         SlotRoute::Down => None,
     };
     // Consecutive slots with the same owner, as Redis groups them.
-    let mut ranges: Vec<(SlotRange, usize)> = Vec::new();
-    for s in 0..SLOT_COUNT {
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    for s in 0..usize::from(SLOT_COUNT) {
         let Some(o) = owner(s) else { continue };
-        match ranges.last_mut() {
-            Some((r, last)) if *last == o && r.end() + 1 == s => {
-                *r = SlotRange::new(u32::from(r.start()), u32::from(s)).unwrap_or(*r);
-            }
-            _ => ranges.push((
-                SlotRange::new(u32::from(s), u32::from(s)).unwrap_or(SlotRange::all()),
-                o,
-            )),
+        match runs.last_mut() {
+            Some((_, end, last)) if *last == o && *end + 1 == s => *end = s,
+            _ => runs.push((s, s, o)),
         }
     }
+    let ranges: Vec<(SlotRange, usize)> = runs
+        .into_iter()
+        .filter_map(|(start, end, o)| Some((SlotRange::new(start as u32, end as u32).ok()?, o)))
+        .collect();
     let epoch = view.epoch();
     let cluster_nodes = render_nodes(&peers, my_index, &ranges, epoch);
     let cluster_slots = render_slots(&peers, &ranges);
@@ -198,11 +298,17 @@ fn build_serving(
     Ok(Serving {
         name: cluster.name.clone(),
         password_sha256: cluster.config.password_sha256,
+        peer_secret: cluster.peer_secret.clone(),
+        client_mode: cluster.config.client_mode,
+        compression: cluster.config.compression,
+        compression_threshold: cluster.config.compression_threshold as usize,
         slots,
         peers,
         me: my_index,
-        nodes: nodes.clone(),
+        nodes,
         node_ready,
+        local_masters,
+        pubsub_node,
         cluster_nodes,
         cluster_slots,
         cluster_shards,
@@ -216,10 +322,12 @@ fn now_ms() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
+type Ranges = [(SlotRange, usize)];
+
 /// `CLUSTER NODES`: one line per proxy, every proxy a master, the cluster
 /// bus port shown as the Redis convention port + 10000 (no bus exists;
 /// clients never connect to it).
-fn render_nodes(peers: &[Peer], me: usize, ranges: &[(SlotRange, usize)], epoch: u64) -> Bytes {
+fn render_nodes(peers: &[Peer], me: usize, ranges: &Ranges, epoch: u64) -> Bytes {
     let mut out = String::new();
     let pong = now_ms();
     for (i, p) in peers.iter().enumerate() {
@@ -248,8 +356,9 @@ fn node_entry(p: &Peer) -> Frame {
     ])
 }
 
-/// `CLUSTER SLOTS`: `[start, end, [ip, port, id, {}]]` per range.
-fn render_slots(peers: &[Peer], ranges: &[(SlotRange, usize)]) -> Frame {
+/// `CLUSTER SLOTS`: `[start, end, master]` per range, each node
+/// `[ip, port, id, {}]`.
+fn render_slots(peers: &[Peer], ranges: &Ranges) -> Frame {
     Frame::Array(
         ranges
             .iter()
@@ -266,7 +375,7 @@ fn render_slots(peers: &[Peer], ranges: &[(SlotRange, usize)]) -> Frame {
 
 /// `CLUSTER SHARDS`: one shard per proxy with its slot ranges and itself as
 /// the only (master) node.
-fn render_shards(peers: &[Peer], ranges: &[(SlotRange, usize)]) -> Frame {
+fn render_shards(peers: &[Peer], ranges: &Ranges) -> Frame {
     Frame::Array(
         peers
             .iter()

@@ -1,0 +1,374 @@
+//! One client connection: decode pipelined requests, dispatch each, and
+//! write the replies strictly in request order.
+//!
+//! Dispatch never waits: a forwarded request only queues on a backend and
+//! leaves a pending reply in the client's queue, so a pipeline of N commands
+//! reaches Redis as one batch. Two Redis behaviours need holding back:
+//! after a blocking command nothing else from the client runs until it
+//! returns (`hold`), and subscription commands wait until earlier replies are
+//! out so confirmations and messages never overtake them (`Dispatch::Later`).
+//! Reading pauses while too many replies are pending, bounding the memory
+//! one client can hold.
+//!
+//! Submodules: `commands` (answered by the proxy), `route` (keyed and
+//! keyless commands, plain-mode forwarding), `tx` (MULTI/EXEC/WATCH),
+//! `pubsub` (subscriptions and PUBLISH fan-out).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use redmesh_model::ProxyId;
+use redmesh_resp::{Frame, Limits, Protocol, Request, RequestDecoder};
+use redmesh_runtime::CancellationToken;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::backend::{BackendError, ReplyRx};
+use crate::routing::{RouteTable, Serving};
+
+mod commands;
+mod pubsub;
+mod route;
+mod tx;
+
+/// Most replies pending per client before the proxy stops reading from it.
+const MAX_PENDING: usize = 1024;
+
+/// How long a draining proxy waits for sessions to deliver owed replies.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// State shared by every session of the proxy.
+pub struct Shared {
+    /// This proxy.
+    pub proxy_id: ProxyId,
+    /// Latest route table.
+    pub table: watch::Receiver<Arc<RouteTable>>,
+    /// Protocol limits.
+    pub limits: Limits,
+    /// Next client id.
+    pub next_client_id: AtomicU64,
+    /// Connected clients (for metrics and GetInfo).
+    pub clients: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("proxy_id", &self.proxy_id)
+            .finish()
+    }
+}
+
+/// How a listener presents the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerMode {
+    /// As the cluster's config says (cluster protocol unless plain).
+    Configured,
+    /// Always plain: every key served here by forwarding.
+    Plain,
+}
+
+/// A future producing an encoded reply.
+pub(crate) type ReplyFuture = Pin<Box<dyn Future<Output = Bytes> + Send>>;
+
+/// A reply slot in the client's queue.
+pub(crate) enum Pending {
+    /// Already known.
+    Ready(Bytes),
+    /// Waiting for a shared backend.
+    Wait(ReplyRx),
+    /// Work that must run in order with the session's other stateful work
+    /// (transactions, subscriptions, blocking commands): polled only once it
+    /// reaches the front of the queue.
+    Later(ReplyFuture),
+    /// Stateless work (forwarding, gathering) running concurrently, so a
+    /// pipeline is not serialised behind it.
+    Spawned(tokio::task::JoinHandle<Bytes>),
+}
+
+impl Pending {
+    /// Runs `fut` concurrently.
+    pub fn spawn(fut: ReplyFuture) -> Self {
+        Pending::Spawned(tokio::spawn(fut))
+    }
+}
+
+/// What dispatching one request produced.
+pub(crate) enum Dispatch {
+    /// A reply, in order.
+    Reply(Pending),
+    /// A subscription command's confirmations: in order, and messages are
+    /// held back until it is delivered.
+    Subscription(ReplyFuture),
+    /// Run this request only once every earlier reply is delivered.
+    AfterQueue,
+}
+
+/// Per-connection state.
+pub(crate) struct Session {
+    pub id: u64,
+    pub peer_addr: String,
+    pub local_addr: String,
+    pub created: Instant,
+    pub listener: ListenerMode,
+    pub authenticated: bool,
+    /// Authenticated as a peer proxy: cluster semantics always, PUBLISH
+    /// stays local.
+    pub peer: bool,
+    pub protocol: Protocol,
+    pub name: Option<Bytes>,
+    pub readonly: bool,
+    pub asking: bool,
+    pub closing: bool,
+    /// A blocking command is pending: dispatch nothing more until it returns.
+    pub hold: bool,
+    pub tx: tx::Tx,
+    pub subs: pubsub::Subscriptions,
+    pub last_command: &'static str,
+}
+
+impl Session {
+    /// Whether keys of other proxies are served here by forwarding.
+    pub fn plain(&self, c: &Serving) -> bool {
+        !self.peer
+            && (self.listener == ListenerMode::Plain
+                || c.client_mode == redmesh_model::ClientMode::Plain)
+    }
+}
+
+pub(crate) fn err(msg: impl Into<String>) -> Frame {
+    Frame::error(msg)
+}
+
+/// The reply for a failed backend request.
+pub(crate) fn backend_failure(e: &BackendError) -> Frame {
+    match e {
+        // Not sent: safe for the client to retry after refreshing its view.
+        BackendError::Unavailable { .. } => err(format!("CLUSTERDOWN {e}")),
+        // Sent, outcome unknown: an error, never OK, and no invitation to retry.
+        BackendError::Lost { .. } | BackendError::Timeout { .. } => err(format!(
+            "ERR {e}; the command may or may not have been applied"
+        )),
+    }
+}
+
+pub(crate) fn reply_bytes(r: Result<Bytes, BackendError>, proto: Protocol) -> Bytes {
+    match r {
+        Ok(b) => b,
+        Err(e) => backend_failure(&e).to_bytes(proto),
+    }
+}
+
+pub(crate) fn lost_reply(proto: Protocol) -> Bytes {
+    err("ERR the proxy lost the backend reply; the command may or may not have been applied")
+        .to_bytes(proto)
+}
+
+/// Awaits a shared-backend reply, encoding failures for `proto`.
+pub(crate) async fn await_reply(rx: ReplyRx, proto: Protocol) -> Bytes {
+    match rx.await {
+        Ok(r) => reply_bytes(r, proto),
+        Err(_) => lost_reply(proto),
+    }
+}
+
+struct Slot {
+    pending: Pending,
+    subscription: bool,
+}
+
+/// Serves one client until it quits, errs, or `shutdown` (after which the
+/// replies already owed are still delivered).
+pub async fn serve(
+    stream: TcpStream,
+    listener: ListenerMode,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let peer_addr = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let local_addr = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let (mut rd, mut wr) = stream.into_split();
+    let (push_tx, mut push_rx) = mpsc::channel::<Bytes>(1024);
+    let mut s = Session {
+        id: shared.next_client_id.fetch_add(1, Ordering::Relaxed),
+        peer_addr,
+        local_addr,
+        created: Instant::now(),
+        listener,
+        authenticated: false,
+        peer: false,
+        protocol: Protocol::Resp2,
+        name: None,
+        readonly: false,
+        asking: false,
+        closing: false,
+        hold: false,
+        tx: tx::Tx::default(),
+        subs: pubsub::Subscriptions::new(push_tx),
+        last_command: "",
+    };
+    let mut decoder = RequestDecoder::new(shared.limits);
+    let mut inbuf = BytesMut::with_capacity(16 * 1024);
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut queue: VecDeque<Slot> = VecDeque::new();
+    let mut stalled: Option<Request> = None;
+    let mut subs_pending = 0usize;
+    let mut reading = true;
+    loop {
+        // Move every reply that is ready, in order, into the output.
+        while let Some(front) = queue.front_mut() {
+            let bytes = match &mut front.pending {
+                Pending::Ready(b) => std::mem::take(b),
+                Pending::Wait(rx) => match rx.try_recv() {
+                    Ok(r) => reply_bytes(r, s.protocol),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                        lost_reply(s.protocol)
+                    }
+                },
+                Pending::Later(_) => break,
+                Pending::Spawned(h) => match futures::FutureExt::now_or_never(h) {
+                    Some(Ok(b)) => b,
+                    Some(Err(_)) => lost_reply(s.protocol),
+                    None => break,
+                },
+            };
+            out.extend_from_slice(&bytes);
+            if front.subscription {
+                subs_pending -= 1;
+            }
+            queue.pop_front();
+        }
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        if queue.is_empty() {
+            s.hold = false;
+            if s.closing {
+                break;
+            }
+        }
+        // Dispatch what is buffered, as far as holds allow.
+        let mut progressed = false;
+        while !s.hold && !s.closing && queue.len() < MAX_PENDING {
+            let req = match stalled.take() {
+                Some(r) => r,
+                None => match decoder.decode_request(&mut inbuf) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(client = s.id, error = %e, "protocol error; closing");
+                        queue.push_back(Slot {
+                            pending: Pending::Ready(e.to_frame().to_bytes(s.protocol)),
+                            subscription: false,
+                        });
+                        s.closing = true;
+                        progressed = true;
+                        break;
+                    }
+                },
+            };
+            let table = shared.table.borrow().clone();
+            match dispatch(&shared, &table, &mut s, &req, queue.is_empty()) {
+                Dispatch::Reply(pending) => queue.push_back(Slot {
+                    pending,
+                    subscription: false,
+                }),
+                Dispatch::Subscription(fut) => {
+                    subs_pending += 1;
+                    queue.push_back(Slot {
+                        pending: Pending::Later(fut),
+                        subscription: true,
+                    });
+                }
+                Dispatch::AfterQueue => {
+                    stalled = Some(req);
+                    break;
+                }
+            }
+            progressed = true;
+        }
+        if progressed {
+            continue;
+        }
+        // Nothing left to answer and no more input can arrive (a partial
+        // request in the buffer can never complete).
+        if queue.is_empty() && !reading && stalled.is_none() {
+            break;
+        }
+        if inbuf.capacity() > 1 << 20 && inbuf.is_empty() {
+            // Give back the memory of a past huge request.
+            inbuf = BytesMut::with_capacity(16 * 1024);
+        }
+        let can_read =
+            reading && !s.closing && !s.hold && stalled.is_none() && queue.len() < MAX_PENDING;
+        let deliver_messages = subs_pending == 0 && s.subs.active();
+        tokio::select! {
+            _ = wait_front(queue.front_mut(), s.protocol), if !queue.is_empty() => {}
+            read = rd.read_buf(&mut inbuf), if can_read => match read {
+                Ok(0) | Err(_) => reading = false,
+                Ok(_) => {}
+            },
+            msg = push_rx.recv(), if deliver_messages => match msg {
+                // An empty message means a subscription connection died:
+                // close, as a Redis node would, so the client resubscribes.
+                Some(m) if !m.is_empty() => {
+                    if wr.write_all(&m).await.is_err() {
+                        break;
+                    }
+                }
+                _ => s.closing = true,
+            },
+            _ = shutdown.cancelled(), if reading => reading = false,
+            // Unreachable by the checks above; ending the session beats
+            // spinning if a future change breaks them.
+            else => break,
+        }
+    }
+}
+
+/// Resolves when the front reply is ready (storing it), or at once if it is.
+async fn wait_front(front: Option<&mut Slot>, proto: Protocol) {
+    let Some(slot) = front else { return };
+    let ready = match &mut slot.pending {
+        Pending::Ready(_) => return,
+        Pending::Wait(rx) => await_reply_mut(rx, proto).await,
+        Pending::Later(fut) => fut.await,
+        Pending::Spawned(h) => h.await.unwrap_or_else(|_| lost_reply(proto)),
+    };
+    slot.pending = Pending::Ready(ready);
+}
+
+async fn await_reply_mut(rx: &mut ReplyRx, proto: Protocol) -> Bytes {
+    match rx.await {
+        Ok(r) => reply_bytes(r, proto),
+        Err(_) => lost_reply(proto),
+    }
+}
+
+/// Decides what to do with one request. `idle`: no reply is pending.
+fn dispatch(
+    shared: &Shared,
+    table: &Arc<RouteTable>,
+    s: &mut Session,
+    req: &Request,
+    idle: bool,
+) -> Dispatch {
+    commands::dispatch(shared, table, s, req, idle)
+}

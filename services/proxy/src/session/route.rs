@@ -1,0 +1,704 @@
+//! Data commands: keyed commands routed by slot (local node, `-MOVED`, a
+//! local replica after `READONLY`, or — in plain mode — forwarded to the
+//! owning proxy following its redirects), blocking commands on dedicated
+//! connections, keyless commands over this proxy's masters (or the whole
+//! cluster in plain mode), and plain-mode splitting of multi-key commands.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use redmesh_model::{key_slot, Compression, Slot};
+use redmesh_resp::command::{self, flags, CommandInfo};
+use redmesh_resp::{encode_command, parse_frame, Frame, Protocol, Request};
+
+use super::commands::{cluster_local, lower, ready, top_name};
+use super::{await_reply, backend_failure, err, Dispatch, Pending, ReplyFuture, Session, Shared};
+use crate::compress;
+use crate::routing::{RouteTable, Serving, SlotRoute, Target};
+
+/// Hops a forwarded request may take following redirects.
+const MAX_HOPS: usize = 3;
+
+fn not_serving(table: &RouteTable) -> Frame {
+    match &table.serving {
+        Ok(_) => err("CLUSTERDOWN no local Redis node is ready"),
+        Err(reason) => err(format!("CLUSTERDOWN {reason}")),
+    }
+}
+
+/// Commands that must not pass: they reconfigure or bypass the servers
+/// redmesh manages, or need a database other than 0.
+fn refusal(cmd: &CommandInfo) -> Option<String> {
+    let top = top_name(cmd);
+    if matches!(
+        top,
+        "move" | "swapdb" | "monitor" | "sync" | "psync" | "replconf" | "migrate"
+    ) || cmd.has(flags::ADMIN)
+    {
+        return Some(format!("ERR '{}' is not allowed through redmesh", cmd.name));
+    }
+    None
+}
+
+/// Whether this invocation blocks: BLOCKING commands always, except
+/// XREAD/XREADGROUP which only block with a BLOCK option.
+fn blocks(cmd: &CommandInfo, args: &[Bytes]) -> bool {
+    if !cmd.has(flags::BLOCKING) {
+        return false;
+    }
+    match top_name(cmd) {
+        "xread" | "xreadgroup" => args
+            .iter()
+            .skip(1)
+            .any(|a| a.eq_ignore_ascii_case(b"block")),
+        _ => true,
+    }
+}
+
+/// Key positions, plus the channel of SPUBLISH, which Redis Cluster routes
+/// by slot although its key-spec marks it "not a key".
+fn routing_positions(cmd: &CommandInfo, args: &[Bytes]) -> Result<Vec<usize>, String> {
+    if top_name(cmd) == "spublish" {
+        return Ok(vec![1]);
+    }
+    command::key_positions(cmd, args).map_err(|e| format!("ERR {e}"))
+}
+
+/// The single slot of the keys at `positions`, `Ok(None)` if there are none.
+pub(super) fn single_slot(args: &[Bytes], positions: &[usize]) -> Result<Option<Slot>, ()> {
+    let mut slot = None;
+    for &p in positions {
+        let Some(key) = args.get(p) else { continue };
+        let k = key_slot(key);
+        match slot {
+            None => slot = Some(k),
+            Some(prev) if prev != k => return Err(()),
+            _ => {}
+        }
+    }
+    Ok(slot)
+}
+
+/// Where a command for `slot` runs for this session, or the error reply.
+pub(super) fn target_for_slot(
+    c: &Serving,
+    s: &Session,
+    slot: Slot,
+    read_only: bool,
+) -> Result<Target, Frame> {
+    let entry = c.slot(slot);
+    match entry.route {
+        SlotRoute::Local(n) => match &c.node_ready[usize::from(n)] {
+            Ok(()) => Ok(Target::Local(n)),
+            Err(why) => Err(err(format!(
+                "CLUSTERDOWN slot {slot} is not available: {why}"
+            ))),
+        },
+        SlotRoute::Moved(i) => {
+            if let (true, true, Some(r)) = (s.readonly, read_only, entry.replica) {
+                return Ok(Target::Local(r));
+            }
+            if s.plain(c) {
+                Ok(Target::Peer(i))
+            } else {
+                Err(err(format!(
+                    "MOVED {slot} {}",
+                    c.peers[usize::from(i)].addr
+                )))
+            }
+        }
+        SlotRoute::Down => Err(err("CLUSTERDOWN Hash slot not served")),
+    }
+}
+
+/// Routes a data command.
+pub(super) fn data(
+    table: &Arc<RouteTable>,
+    s: &mut Session,
+    cmd: &'static CommandInfo,
+    req: &Request,
+    _asking: bool,
+) -> Dispatch {
+    if let Some(why) = refusal(cmd) {
+        return ready(err(why), s);
+    }
+    let Ok(c) = &table.serving else {
+        return ready(not_serving(table), s);
+    };
+    if c.compression != Compression::None {
+        if let Some(why) = compress::refused(top_name(cmd)) {
+            return ready(err(why), s);
+        }
+    }
+    let args = req.args();
+    let positions = match routing_positions(cmd, args) {
+        Ok(p) => p,
+        Err(e) => return ready(err(e), s),
+    };
+    let slot = match single_slot(args, &positions) {
+        Ok(Some(slot)) => slot,
+        Ok(None) => return keyless(table, s, cmd, req),
+        Err(()) => {
+            if s.plain(c) && splittable(top_name(cmd)) {
+                return Dispatch::Reply(Pending::spawn(split(
+                    table.clone(),
+                    s,
+                    cmd,
+                    req,
+                    &positions,
+                )));
+            }
+            return ready(
+                err("CROSSSLOT Keys in request don't hash to the same slot"),
+                s,
+            );
+        }
+    };
+    let target = match target_for_slot(c, s, slot, cmd.is_readonly()) {
+        Ok(t) => t,
+        Err(reply) => return ready(reply, s),
+    };
+    let req = compress::request(c, top_name(cmd), req);
+    let decompress = c.compression != Compression::None && compress::has_values(top_name(cmd));
+    let proto = s.protocol;
+    if blocks(cmd, args) {
+        // Redis runs nothing else from this client until the reply comes.
+        s.hold = true;
+        let pool = c.link(target).map(|l| l.dedicated(proto).clone());
+        let raw = req.raw().clone();
+        return Dispatch::Reply(Pending::Later(Box::pin(async move {
+            match pool {
+                Some(pool) => blocking(&pool, raw, proto).await,
+                None => err("CLUSTERDOWN no connection to the owner").to_bytes(proto),
+            }
+        })));
+    }
+    let pending = match target {
+        Target::Local(n) => {
+            let rx = c.nodes[usize::from(n)]
+                .shared(proto)
+                .send(req.raw().clone());
+            if !decompress {
+                return Dispatch::Reply(Pending::Wait(rx));
+            }
+            Pending::Later(Box::pin(async move {
+                compress::decompress_reply(await_reply(rx, proto).await, proto)
+            }))
+        }
+        Target::Peer(_) => {
+            let fut = forward(table.clone(), target, req.raw().clone(), proto);
+            Pending::spawn(Box::pin(async move {
+                let reply = fut.await;
+                if decompress {
+                    compress::decompress_reply(reply, proto)
+                } else {
+                    reply
+                }
+            }))
+        }
+    };
+    Dispatch::Reply(pending)
+}
+
+/// Runs a blocking command on a dedicated connection. Dropping the future
+/// (client gone) drops the connection, which unblocks Redis.
+async fn blocking(pool: &crate::dedicated::DedicatedPool, raw: Bytes, proto: Protocol) -> Bytes {
+    let mut conn = match pool.get().await {
+        Ok(c) => c,
+        Err(e) => return backend_failure(&e).to_bytes(proto),
+    };
+    if let Err(e) = conn.send(&[&raw]).await {
+        return backend_failure(&e).to_bytes(proto);
+    }
+    match conn.reply_blocking().await {
+        Ok(reply) => {
+            pool.put(conn);
+            reply
+        }
+        Err(e) => backend_failure(&e).to_bytes(proto),
+    }
+}
+
+/// Sends `raw` to `target` and follows `-MOVED`/`-ASK` answers (the owner's
+/// view may be newer than ours) for at most `MAX_HOPS` hops.
+pub(super) fn forward(
+    table: Arc<RouteTable>,
+    mut target: Target,
+    raw: Bytes,
+    proto: Protocol,
+) -> ReplyFuture {
+    Box::pin(async move {
+        let Ok(c) = &table.serving else {
+            return not_serving(&table).to_bytes(proto);
+        };
+        let mut reply = Bytes::new();
+        for _ in 0..MAX_HOPS {
+            let Some(link) = c.link(target) else {
+                return err("CLUSTERDOWN no connection to the owner").to_bytes(proto);
+            };
+            reply = await_reply(link.shared(proto).send(raw.clone()), proto).await;
+            let Some((kind, addr)) = redirect(&reply) else {
+                return reply;
+            };
+            let next = if addr == c.peers[c.me].addr.as_str() {
+                // Back to us: our own view must have changed meanwhile.
+                let slot = redirect_slot(&reply);
+                match slot.map(|s| c.slot(s).route) {
+                    Some(SlotRoute::Local(n)) => Target::Local(n),
+                    _ => return reply,
+                }
+            } else {
+                match c.peer_by_addr(&addr) {
+                    Some(i) => Target::Peer(i as u16),
+                    None => return reply,
+                }
+            };
+            if kind == "ASK" {
+                return asking(c, next, raw, proto).await;
+            }
+            target = next;
+        }
+        reply
+    })
+}
+
+/// `ASKING` must immediately precede the command on one connection, which a
+/// shared connection cannot promise: use a dedicated one.
+async fn asking(c: &Serving, target: Target, raw: Bytes, proto: Protocol) -> Bytes {
+    let Some(pool) = c.link(target).map(|l| l.dedicated(proto).clone()) else {
+        return err("CLUSTERDOWN no connection to the importing node").to_bytes(proto);
+    };
+    let mut conn = match pool.get().await {
+        Ok(c) => c,
+        Err(e) => return backend_failure(&e).to_bytes(proto),
+    };
+    let asking = Bytes::from_static(b"*1\r\n$6\r\nASKING\r\n");
+    if let Err(e) = conn.send(&[&asking, &raw]).await {
+        return backend_failure(&e).to_bytes(proto);
+    }
+    let first = conn.reply().await;
+    let second = conn.reply().await;
+    match (first, second) {
+        (Ok(_), Ok(reply)) => {
+            pool.put(conn);
+            reply
+        }
+        (Err(e), _) | (_, Err(e)) => backend_failure(&e).to_bytes(proto),
+    }
+}
+
+/// `("MOVED"|"ASK", "host:port")` of a redirect error reply.
+fn redirect(reply: &[u8]) -> Option<(&'static str, String)> {
+    let text = std::str::from_utf8(reply.strip_prefix(b"-")?)
+        .ok()?
+        .trim_end();
+    let mut parts = text.split(' ');
+    let kind = match parts.next()? {
+        "MOVED" => "MOVED",
+        "ASK" => "ASK",
+        _ => return None,
+    };
+    let _slot = parts.next()?;
+    Some((kind, parts.next()?.to_owned()))
+}
+
+fn redirect_slot(reply: &[u8]) -> Option<Slot> {
+    std::str::from_utf8(reply)
+        .ok()?
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Targets of keyless commands: this proxy's masters, and in plain mode
+/// every other proxy too (which each answer for their own masters).
+fn keyless_targets(c: &Serving, s: &Session) -> Vec<Target> {
+    let mut out: Vec<Target> = c.local_masters.iter().map(|&n| Target::Local(n)).collect();
+    if s.plain(c) {
+        out.extend(
+            (0..c.peers.len())
+                .filter(|&i| i != c.me)
+                .map(|i| Target::Peer(i as u16)),
+        );
+    }
+    out
+}
+
+/// Sends `raw` to each target, in order.
+async fn send_all(
+    table: &Arc<RouteTable>,
+    targets: &[Target],
+    raw: &Bytes,
+    proto: Protocol,
+) -> Vec<Bytes> {
+    let Ok(c) = &table.serving else {
+        return Vec::new();
+    };
+    let futs = targets.iter().map(|t| match (t, c.link(*t)) {
+        (Target::Local(_), Some(l)) => {
+            Box::pin(await_reply(l.shared(proto).send(raw.clone()), proto)) as ReplyFuture
+        }
+        (Target::Peer(_), Some(_)) => forward(table.clone(), *t, raw.clone(), proto),
+        (_, None) => {
+            let e = err("CLUSTERDOWN no connection").to_bytes(proto);
+            Box::pin(async move { e })
+        }
+    });
+    futures::future::join_all(futs).await
+}
+
+fn frame_of(raw: &[u8]) -> Frame {
+    match parse_frame(raw) {
+        Ok(Some((f, _))) => f,
+        _ => err("ERR unparseable reply from a backend"),
+    }
+}
+
+/// How the replies of a keyless command sent to several targets combine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Combine {
+    /// Only the first target runs it.
+    First,
+    /// All run it; the first reply (or first error) answers.
+    AllFirst,
+    /// All run it; integers are summed.
+    Sum,
+    /// All run it; arrays are concatenated.
+    Concat,
+}
+
+/// Keyless data commands.
+fn keyless(table: &Arc<RouteTable>, s: &mut Session, cmd: &CommandInfo, req: &Request) -> Dispatch {
+    let Ok(c) = &table.serving else {
+        return ready(not_serving(table), s);
+    };
+    let top = top_name(cmd);
+    let sub = req.args().get(1).map(|a| lower(a)).unwrap_or_default();
+    let combine = match (top, sub.as_str()) {
+        ("dbsize", _) => Combine::Sum,
+        ("keys", _) => Combine::Concat,
+        ("flushall" | "flushdb", _) => Combine::AllFirst,
+        ("script", "load" | "flush") | ("function", "load" | "delete" | "flush" | "restore") => {
+            Combine::AllFirst
+        }
+        _ => Combine::First,
+    };
+    let mut targets = keyless_targets(c, s);
+    if targets.is_empty() {
+        return ready(err("CLUSTERDOWN this proxy serves no slots right now"), s);
+    }
+    let proto = s.protocol;
+    if top == "scan" {
+        // One target after the other, the cursor saying which.
+        let (table, args) = (table.clone(), req.args().to_vec());
+        return Dispatch::Reply(Pending::spawn(Box::pin(async move {
+            scan(&table, &targets, &args, proto).await
+        })));
+    }
+    let is_info = top == "info";
+    if combine == Combine::First {
+        targets.truncate(1);
+        if !is_info {
+            if let Target::Local(n) = targets[0] {
+                return Dispatch::Reply(Pending::Wait(
+                    c.nodes[usize::from(n)]
+                        .shared(proto)
+                        .send(req.raw().clone()),
+                ));
+            }
+        }
+    }
+    let table = table.clone();
+    let raw = req.raw().clone();
+    Dispatch::Reply(Pending::spawn(Box::pin(async move {
+        let replies = send_all(&table, &targets, &raw, proto).await;
+        if let Some(bad) = replies.iter().find(|r| r.first() == Some(&b'-')) {
+            return bad.clone();
+        }
+        match combine {
+            Combine::First | Combine::AllFirst if is_info => info_reply(&replies[0], proto),
+            Combine::First | Combine::AllFirst => replies[0].clone(),
+            Combine::Sum => {
+                let total: i64 = replies
+                    .iter()
+                    .map(|r| match frame_of(r) {
+                        Frame::Integer(n) => n,
+                        _ => 0,
+                    })
+                    .sum();
+                Frame::Integer(total).to_bytes(proto)
+            }
+            Combine::Concat => {
+                let mut all = Vec::new();
+                for r in &replies {
+                    if let Frame::Array(items) | Frame::Set(items) = frame_of(r) {
+                        all.extend(items);
+                    }
+                }
+                Frame::Array(all).to_bytes(proto)
+            }
+        }
+    })))
+}
+
+/// INFO from a node, marked as cluster-enabled (clients check it), without
+/// the internal database.
+fn info_reply(raw: &Bytes, proto: Protocol) -> Bytes {
+    match frame_of(raw) {
+        f @ (Frame::Bulk(_) | Frame::Verbatim(_, _)) => {
+            let text = f
+                .as_bytes()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            // Database 1 holds the proxy's ownership marker, not user data:
+            // a cluster only has database 0.
+            let patched: String = text
+                .replace("cluster_enabled:0", "cluster_enabled:1")
+                .split_inclusive('\n')
+                .filter(|line| !line.starts_with("db") || line.starts_with("db0:"))
+                .collect();
+            Frame::Verbatim(Bytes::from_static(b"txt"), Bytes::from(patched)).to_bytes(proto)
+        }
+        _ => raw.clone(),
+    }
+}
+
+/// Bits of the client cursor naming the target; the node's cursor above.
+const SCAN_TARGET_BITS: u32 = 8;
+
+/// SCAN over several targets in turn: the low bits of the cursor say which
+/// target, the rest is that target's own cursor.
+async fn scan(
+    table: &Arc<RouteTable>,
+    targets: &[Target],
+    args: &[Bytes],
+    proto: Protocol,
+) -> Bytes {
+    let Some(cursor) = std::str::from_utf8(&args[1])
+        .ok()
+        .and_then(|c| c.parse::<u64>().ok())
+    else {
+        return err("ERR invalid cursor").to_bytes(proto);
+    };
+    let mask = (1u64 << SCAN_TARGET_BITS) - 1;
+    let index = (cursor & mask) as usize;
+    let inner = cursor >> SCAN_TARGET_BITS;
+    let Some(&target) = targets.get(index) else {
+        return err("ERR invalid cursor").to_bytes(proto);
+    };
+    let mut sub: Vec<Bytes> = args.to_vec();
+    sub[1] = Bytes::from(inner.to_string());
+    let mut raw = bytes::BytesMut::new();
+    encode_command(&sub, &mut raw);
+    let reply = send_all(table, &[target], &raw.freeze(), proto)
+        .await
+        .pop()
+        .unwrap_or_default();
+    let Frame::Array(mut parts) = frame_of(&reply) else {
+        return reply;
+    };
+    if parts.len() != 2 {
+        return reply;
+    }
+    let next_inner = parts[0]
+        .as_bytes()
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|c| c.parse::<u64>().ok())
+        .unwrap_or(0);
+    let next = if next_inner != 0 {
+        (next_inner << SCAN_TARGET_BITS) | index as u64
+    } else if index + 1 < targets.len() {
+        (index + 1) as u64
+    } else {
+        0
+    };
+    parts[0] = Frame::bulk(next.to_string());
+    Frame::Array(parts).to_bytes(proto)
+}
+
+/// Multi-key commands plain mode splits by slot and gathers in order.
+fn splittable(top: &str) -> bool {
+    matches!(top, "mget" | "mset" | "del" | "unlink" | "exists" | "touch")
+}
+
+/// Splits a multi-key command by slot, runs the parts where they belong,
+/// and assembles one reply in the original key order.
+fn split(
+    table: Arc<RouteTable>,
+    s: &Session,
+    cmd: &CommandInfo,
+    req: &Request,
+    positions: &[usize],
+) -> ReplyFuture {
+    let proto = s.protocol;
+    let top = top_name(cmd);
+    let args = req.args();
+    let pairs = top == "mset";
+    // Group key positions by slot, remembering each key's index in the reply.
+    let mut groups: BTreeMap<Slot, Vec<(usize, usize)>> = BTreeMap::new();
+    for (i, &p) in positions.iter().enumerate() {
+        groups.entry(key_slot(&args[p])).or_default().push((i, p));
+    }
+    let mut parts: Vec<(Vec<usize>, Result<Target, Frame>, Bytes)> = Vec::new();
+    let Ok(c) = &table.serving else {
+        let e = not_serving(&table).to_bytes(proto);
+        return Box::pin(async move { e });
+    };
+    for (slot, keys) in &groups {
+        let mut sub: Vec<Bytes> = vec![args[0].clone()];
+        for &(_, p) in keys {
+            sub.push(args[p].clone());
+            if pairs {
+                sub.push(args[p + 1].clone());
+            }
+        }
+        let sub = Request::from_args(&sub);
+        let sub = compress::request(c, top, &sub);
+        let target = target_for_slot(c, s, *slot, cmd.is_readonly());
+        parts.push((
+            keys.iter().map(|(i, _)| *i).collect(),
+            target,
+            sub.raw().clone(),
+        ));
+    }
+    let decompress = c.compression != Compression::None && top == "mget";
+    let top = top.to_owned();
+    let total = positions.len();
+    Box::pin(async move {
+        let futs = parts.into_iter().map(|(indexes, target, raw)| {
+            let table = table.clone();
+            async move {
+                let reply = match target {
+                    Ok(t) => send_all(&table, &[t], &raw, proto)
+                        .await
+                        .pop()
+                        .unwrap_or_default(),
+                    Err(e) => e.to_bytes(proto),
+                };
+                (indexes, reply)
+            }
+        });
+        let results = futures::future::join_all(futs).await;
+        if let Some((_, bad)) = results.iter().find(|(_, r)| r.first() == Some(&b'-')) {
+            return bad.clone();
+        }
+        match top.as_str() {
+            "mget" => {
+                let mut values = vec![Frame::Null; total];
+                for (indexes, reply) in &results {
+                    let reply = if decompress {
+                        compress::decompress_reply(reply.clone(), proto)
+                    } else {
+                        reply.clone()
+                    };
+                    if let Frame::Array(items) = frame_of(&reply) {
+                        for (i, v) in indexes.iter().zip(items) {
+                            values[*i] = v;
+                        }
+                    }
+                }
+                Frame::Array(values).to_bytes(proto)
+            }
+            "mset" => Frame::ok().to_bytes(proto),
+            _ => {
+                let sum: i64 = results
+                    .iter()
+                    .map(|(_, r)| match frame_of(r) {
+                        Frame::Integer(n) => n,
+                        _ => 0,
+                    })
+                    .sum();
+                Frame::Integer(sum).to_bytes(proto)
+            }
+        }
+    })
+}
+
+/// CLUSTER subcommands; COUNTKEYSINSLOT/GETKEYSINSLOT scan the node that
+/// holds the slot (plain Redis keeps no per-slot index).
+pub(super) fn cluster(
+    shared: &Shared,
+    table: &Arc<RouteTable>,
+    s: &mut Session,
+    args: &[Bytes],
+) -> Dispatch {
+    if let Some(f) = cluster_local(shared, table, args) {
+        return ready(f, s);
+    }
+    let count_only = lower(&args[1]) == "countkeysinslot";
+    let Some(slot) = std::str::from_utf8(&args[2])
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|v| *v < 16384)
+    else {
+        return ready(err("ERR Invalid slot"), s);
+    };
+    let slot = slot as Slot;
+    let limit = if count_only {
+        u64::MAX
+    } else {
+        match std::str::from_utf8(&args[3])
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+        {
+            Some(n) if n >= 0 => n as u64,
+            _ => return ready(err("ERR Invalid number of keys"), s),
+        }
+    };
+    let Ok(c) = &table.serving else {
+        return ready(not_serving(table), s);
+    };
+    let proto = s.protocol;
+    let node = match c.slot(slot).route {
+        SlotRoute::Local(n) if c.node_ready[usize::from(n)].is_ok() => {
+            c.nodes[usize::from(n)].admin().clone()
+        }
+        // Like a Redis Cluster node: no keys of slots it does not serve.
+        _ => {
+            let empty = if count_only {
+                Frame::Integer(0)
+            } else {
+                Frame::Array(Vec::new())
+            };
+            return ready(empty, s);
+        }
+    };
+    Dispatch::Reply(Pending::Later(Box::pin(async move {
+        let mut cursor = String::from("0");
+        let mut keys: Vec<Frame> = Vec::new();
+        let mut count: i64 = 0;
+        loop {
+            let reply = match node.call(&["SCAN", cursor.as_str(), "COUNT", "1000"]).await {
+                Ok(f) => f,
+                Err(e) => return backend_failure(&e).to_bytes(proto),
+            };
+            let Frame::Array(parts) = reply else {
+                return err("ERR unexpected SCAN reply").to_bytes(proto);
+            };
+            let (Some(next), Some(Frame::Array(batch))) =
+                (parts.first().and_then(Frame::as_bytes), parts.get(1))
+            else {
+                return err("ERR unexpected SCAN reply").to_bytes(proto);
+            };
+            for k in batch.iter().filter_map(Frame::as_bytes) {
+                if key_slot(k) == slot {
+                    count += 1;
+                    if (keys.len() as u64) < limit && !count_only {
+                        keys.push(Frame::Bulk(k.clone()));
+                    }
+                }
+            }
+            cursor = String::from_utf8_lossy(next).into_owned();
+            if cursor == "0" || (!count_only && keys.len() as u64 >= limit) {
+                break;
+            }
+        }
+        if count_only {
+            Frame::Integer(count).to_bytes(proto)
+        } else {
+            Frame::Array(keys).to_bytes(proto)
+        }
+    })))
+}

@@ -1,0 +1,403 @@
+//! The proxy as a data plane, driven by real clients: every command family
+//! through redis-py's RedisCluster, cluster pipelines through redis-rs,
+//! plain-client mode (per cluster and per listener) with single-endpoint
+//! clients and `redis-cli` without `-c`, and transparent value compression.
+
+use std::process::Command;
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::AsyncCommands;
+use redmesh_api::v1;
+use redmesh_e2e::harness::raw_exchange;
+use redmesh_e2e::System;
+use tonic::Code;
+
+/// The Python with redis-py that tests/run.sh prepares.
+fn python() -> String {
+    std::env::var("REDMESH_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/pyenv/bin/python");
+        assert!(
+            std::path::Path::new(venv).exists(),
+            "redis-py is not set up: run ./tests/run.sh once, or set REDMESH_PYTHON to a python with redis-py"
+        );
+        venv.to_owned()
+    })
+}
+
+async fn connect(addr: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://{addr}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+}
+
+fn redis_cli(addr: &str, args: &[&str]) -> String {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let out = Command::new("redis-cli")
+        .args(["-h", host, "-p", port])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    assert!(out.status.success(), "redis-cli {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_py_drives_every_command_family() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster(
+            "families",
+            4,
+            v1::ClusterConfig {
+                password: "pw".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let entry = &sys.members(&cluster)[0].resp;
+    let (host, port) = entry.rsplit_once(':').unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/redis_py_commands.py");
+    let out = Command::new(python())
+        .args([script, host, port, "pw"])
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "redis-py failed:\n{}\n{}\nproxy log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        sys.members(&cluster)[0].log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rs_cluster_pipelines_and_cross_slot_errors() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("rs", 4, v1::ClusterConfig::default())
+        .await;
+    let seeds: Vec<String> = sys
+        .members(&cluster)
+        .iter()
+        .map(|p| format!("redis://{}", p.resp))
+        .collect();
+    let client = redis::cluster::ClusterClient::new(seeds).unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..500 {
+        pipe.set(format!("{{rs}}:{i}"), i).ignore();
+    }
+    for i in 0..500 {
+        pipe.get(format!("{{rs}}:{i}"));
+    }
+    let got: Vec<i64> = pipe.query_async(&mut conn).await.unwrap();
+    assert_eq!(got, (0..500).collect::<Vec<_>>());
+    // Multi-key commands over several slots: CROSSSLOT, as from Redis
+    // (redis-rs would split MSET itself, so ask directly).
+    let reply = raw_exchange(
+        &sys.members(&cluster)[0].resp,
+        b"MSET {a}x 1 {b}y 2\r\nEVAL \"return 1\" 2 {a}x {b}y\r\n",
+    )
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        "-CROSSSLOT Keys in request don't hash to the same slot\r\n".repeat(2)
+    );
+    // Unsupported or dangerous commands are refused by name.
+    let e = redis::cmd("SWAPDB")
+        .arg(0)
+        .arg(1)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("'swapdb' is not allowed"), "{e}");
+}
+
+/// Checks a single-endpoint client at `entry` sees the whole cluster.
+async fn single_endpoint_sees_everything(entry: &str, other: &str, prefix: &str) {
+    let mut c = connect(entry).await;
+    let keys: Vec<String> = (0..300).map(|i| format!("{prefix}:{i}")).collect();
+    for k in &keys {
+        let () = c.set(k, k).await.unwrap();
+    }
+    // Another proxy's endpoint serves the same data.
+    let mut o = connect(other).await;
+    for k in keys.iter().step_by(7) {
+        let v: String = o.get(k).await.unwrap();
+        assert_eq!(&v, k);
+    }
+    // Multi-key commands are split by slot and gathered in order.
+    let mut ask: Vec<String> = keys.iter().rev().cloned().collect();
+    ask.insert(5, format!("{prefix}:missing"));
+    let got: Vec<Option<String>> = c.mget(&ask).await.unwrap();
+    let mut want: Vec<Option<String>> = keys.iter().rev().cloned().map(Some).collect();
+    want.insert(5, None);
+    assert_eq!(got, want, "MGET across slots keeps key order");
+    let pairs: Vec<(String, String)> = (0..50)
+        .map(|i| (format!("{prefix}:m{i}"), format!("v{i}")))
+        .collect();
+    let () = c.mset(&pairs).await.unwrap();
+    let n: usize = c.exists(&keys[..100]).await.unwrap();
+    assert_eq!(n, 100, "EXISTS across slots");
+    let n: usize = c.del(&keys[..100]).await.unwrap();
+    assert_eq!(n, 100, "DEL across slots");
+    let n: usize = redis::cmd("UNLINK")
+        .arg(&keys[100..150])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 50, "UNLINK across slots");
+    let e = redis::cmd("MSETNX")
+        .arg(format!("{prefix}:a"))
+        .arg(1)
+        .arg(format!("{prefix}:b"))
+        .arg(2)
+        .query_async::<i64>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().to_lowercase().contains("crossslot"),
+        "MSETNX is atomic, so it cannot be split: {e}"
+    );
+    // Keyless commands cover the whole cluster.
+    let size: usize = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    assert_eq!(size, 150 + 50, "DBSIZE counts every proxy's keys");
+    let mut seen = std::collections::HashSet::new();
+    let mut iter: redis::AsyncIter<'_, String> =
+        c.scan_match(format!("{prefix}:m*")).await.unwrap();
+    while let Some(k) = iter.next_item().await {
+        seen.insert(k.unwrap());
+    }
+    drop(iter);
+    assert_eq!(seen.len(), 50, "SCAN walks every proxy's masters");
+    // Transactions and blocking pops run wherever the key lives.
+    let key = format!("{prefix}:tx");
+    let (a, b): (i64, i64) = redis::pipe()
+        .atomic()
+        .incr(&key, 1)
+        .incr(&key, 2)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!((a, b), (1, 3));
+    let queue = format!("{prefix}:queue");
+    let waiter = {
+        let mut w = connect(entry).await;
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            redis::cmd("BLPOP")
+                .arg(&queue)
+                .arg(5)
+                .query_async::<Option<(String, String)>>(&mut w)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _: i64 = o.rpush(&queue, "job").await.unwrap();
+    assert_eq!(
+        waiter.await.unwrap().unwrap(),
+        Some((queue.clone(), "job".into()))
+    );
+    // Pub/sub: subscribers on one proxy hear publishers on another.
+    let mut sub = redis::Client::open(format!("redis://{entry}"))
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    sub.subscribe(format!("{prefix}:chan")).await.unwrap();
+    let receivers: i64 = o.publish(format!("{prefix}:chan"), "hello").await.unwrap();
+    assert_eq!(receivers, 1);
+    let msg = tokio::time::timeout(Duration::from_secs(5), sub.on_message().next())
+        .await
+        .expect("message delivered")
+        .unwrap();
+    assert_eq!(msg.get_payload::<String>().unwrap(), "hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_cluster_serves_every_key_from_any_proxy() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster(
+            "plain",
+            4,
+            v1::ClusterConfig {
+                client_mode: v1::ClientMode::Plain as i32,
+                ..Default::default()
+            },
+        )
+        .await;
+    let members = sys.members(&cluster);
+    single_endpoint_sees_everything(&members[0].resp, &members[1].resp, "pc").await;
+    // redis-cli without -c: no redirects to follow, every key answers.
+    for i in 0..20 {
+        let key = format!("cli:{i}");
+        assert_eq!(
+            redis_cli(&members[0].resp, &["SET", &key, "v"]),
+            "OK",
+            "{key}"
+        );
+        assert_eq!(redis_cli(&members[1].resp, &["GET", &key]), "v", "{key}");
+    }
+    // It still describes itself as a cluster for tools that ask.
+    assert!(redis_cli(&members[0].resp, &["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_listener_serves_a_cluster_mode_cluster() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("mixed", 4, v1::ClusterConfig::default())
+        .await;
+    let members = sys.members(&cluster);
+    single_endpoint_sees_everything(&members[0].plain, &members[1].plain, "pl").await;
+    // The cluster listener still redirects keys it does not own.
+    let foreign = (0..)
+        .map(|i| format!("probe{i}"))
+        .find(|k| sys.key_master(&cluster, k.as_bytes()).0.id != members[0].id)
+        .unwrap();
+    let reply = redis_cli(&members[0].resp, &["GET", &foreign]);
+    assert!(reply.starts_with("MOVED"), "{reply}");
+    assert_eq!(redis_cli(&members[0].plain, &["GET", &foreign]), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_is_transparent_and_byte_commands_are_refused() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster(
+            "squeeze",
+            4,
+            v1::ClusterConfig {
+                compression: v1::Compression::Lz4 as i32,
+                compression_threshold: 64,
+                client_mode: v1::ClientMode::Plain as i32,
+                ..Default::default()
+            },
+        )
+        .await;
+    let entry = &sys.members(&cluster)[0].resp;
+    let mut c = connect(entry).await;
+    let big = "redmesh ".repeat(1000);
+    let () = c.set("big", &big).await.unwrap();
+    let got: String = c.get("big").await.unwrap();
+    assert_eq!(got, big);
+    // Stored compressed: Redis itself holds far fewer bytes.
+    let (_, node) = sys.key_master(&cluster, b"big");
+    let mut direct = connect(&node.addr).await;
+    let stored: Vec<u8> = direct.get("big").await.unwrap();
+    assert!(
+        stored.starts_with(b"\xffRMC") && stored.len() < big.len() / 10,
+        "stored {} bytes",
+        stored.len()
+    );
+    // Small values, and values that look like ours, stay exact.
+    let () = c.set("small", "tiny").await.unwrap();
+    let tricky: Vec<u8> = b"\xffRMCLnot really compressed".to_vec();
+    let () = c.set("tricky", &tricky).await.unwrap();
+    let got: Vec<u8> = c.get("tricky").await.unwrap();
+    assert_eq!(got, tricky);
+    // The string commands that carry values, across slots too.
+    let pairs: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("m{i}"), format!("{i}{big}")))
+        .collect();
+    let () = c.mset(&pairs).await.unwrap();
+    let keys: Vec<&String> = pairs.iter().map(|(k, _)| k).collect();
+    let got: Vec<String> = c.mget(&keys).await.unwrap();
+    assert_eq!(
+        got,
+        pairs.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>()
+    );
+    let old: String = c.getset("big", "replaced").await.unwrap();
+    assert_eq!(old, big);
+    let () = c.set_ex("ttl", &big, 100).await.unwrap();
+    let old: String = redis::cmd("SET")
+        .arg("ttl")
+        .arg("x")
+        .arg("GET")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(old, big);
+    let got: String = redis::cmd("GETDEL")
+        .arg("m3")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(got, pairs[3].1);
+    let (v,): (String,) = redis::pipe()
+        .atomic()
+        .get("m4")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(v, pairs[4].1, "EXEC replies are decompressed");
+    // Commands that would see the stored bytes are refused by name.
+    for (cmd, args) in [
+        ("APPEND", vec!["big", "x"]),
+        ("STRLEN", vec!["big"]),
+        ("GETRANGE", vec!["big", "0", "3"]),
+        ("SETRANGE", vec!["big", "0", "x"]),
+        ("BITCOUNT", vec!["big"]),
+    ] {
+        let e = redis::cmd(cmd)
+            .arg(&args)
+            .query_async::<redis::Value>(&mut c)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(
+                "'{}' is not available while value compression is on",
+                cmd.to_lowercase()
+            )),
+            "{cmd}: {e}"
+        );
+    }
+    // Compression cannot be switched off (values would come back packed);
+    // switching algorithm keeps old values readable.
+    let mut b = sys.broker().await;
+    let e = b
+        .update_cluster_config(v1::UpdateClusterConfigRequest {
+            name: "squeeze".into(),
+            config: Some(v1::ClusterConfig {
+                compression: v1::Compression::None as i32,
+                ..Default::default()
+            }),
+            update_paths: vec!["compression".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("cannot be turned off"), "{e}");
+    let updated = b
+        .update_cluster_config(v1::UpdateClusterConfigRequest {
+            name: "squeeze".into(),
+            config: Some(v1::ClusterConfig {
+                compression: v1::Compression::Zstd as i32,
+                ..Default::default()
+            }),
+            update_paths: vec!["compression".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .cluster
+        .unwrap();
+    sys.wait_cluster_ok(&updated).await;
+    let got: String = c.get("m5").await.unwrap();
+    assert_eq!(got, pairs[5].1, "an lz4 value read under zstd");
+    let () = c.set("z", &big).await.unwrap();
+    let (_, node) = sys.key_master(&cluster, b"z");
+    let stored: Vec<u8> = connect(&node.addr).await.get("z").await.unwrap();
+    assert!(stored.starts_with(b"\xffRMCZ"), "new values use zstd");
+    let got: String = c.get("z").await.unwrap();
+    assert_eq!(got, big);
+}
