@@ -1,17 +1,47 @@
-"""Every command family through redis-py's RedisCluster against redmesh, in
-RESP3 and RESP2: strings, hashes, lists, sets, sorted sets, streams,
-bitmaps, HyperLogLog, geo, keyspace commands, transactions with WATCH,
-scripts and functions, blocking commands, pub/sub (classic and sharded),
-CLIENT, INFO, COMMAND, CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT and reads from
-replicas. Usage: redis_py_commands.py HOST PORT [PASSWORD].
-Exits non-zero with a message on the first wrong answer."""
+"""Every command family through redis-py against redmesh, in RESP3 and
+RESP2: strings, hashes, lists, sets, sorted sets, streams, bitmaps,
+HyperLogLog, geo, keyspace commands, transactions with WATCH, scripts and
+functions, blocking commands, pub/sub (classic and sharded), CLIENT, INFO,
+COMMAND, CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT and reads from replicas.
+
+Usage: redis_py_commands.py [--plain] HOST:PORT [HOST:PORT...] [--password PW]
+With a cluster client (RedisCluster) by default, seeded with the first
+endpoint; with --plain, a plain single-endpoint client (redis.Redis) on the
+first endpoint, for plain-client mode (the other endpoints publish, to check
+pub/sub crosses proxies). Exits non-zero on the first wrong answer."""
 import os
 import sys
 import threading
 import time
 
+from redis import Redis
 from redis.cluster import RedisCluster
 from redis.exceptions import MovedError, ResponseError, WatchError
+
+
+# Set by main(): plain mode, the endpoints, and how to open a client.
+PLAIN = False
+ENDPOINTS = []
+OPTS = {}
+
+
+def client(endpoint=None, **extra):
+    host, port = (endpoint or ENDPOINTS[0]).rsplit(":", 1)
+    kind = Redis if PLAIN else RedisCluster
+    return kind(host=host, port=int(port), **OPTS, **extra)
+
+
+def on(node):
+    """Routing arguments for one node (a plain client has one endpoint)."""
+    return {} if PLAIN else {"target_nodes": node}
+
+
+def masters(rc):
+    return [None] if PLAIN else rc.get_primaries()
+
+
+def everywhere():
+    return {} if PLAIN else {"target_nodes": RedisCluster.PRIMARIES}
 
 
 def eq(got, want, what):
@@ -62,8 +92,12 @@ def strings(rc, p):
     eq(rc.set(k + "m1", "new", get=True), b"1", "SET GET")
     # Keys on every slot owner, gathered by the client.
     keys = [f"{p}:spread:{i}" for i in range(64)]
-    rc.mset_nonatomic({key: key for key in keys})
-    eq(rc.mget_nonatomic(keys), [key.encode() for key in keys], "MGET across slots")
+    if PLAIN:  # the proxy splits them by slot
+        rc.mset({key: key for key in keys})
+        eq(rc.mget(keys), [key.encode() for key in keys], "MGET across slots")
+    else:  # the client does
+        rc.mset_nonatomic({key: key for key in keys})
+        eq(rc.mget_nonatomic(keys), [key.encode() for key in keys], "MGET across slots")
     eq(rc.delete(*keys), 64, "DEL across slots")
 
 
@@ -197,13 +231,19 @@ def keyspace(rc, p):
     for n in names:
         rc.set(n, "1")
     eq(set(rc.scan_iter(match=f"{p}:scan:*", count=50)), names, "SCAN over all nodes")
-    eq(set(rc.keys(f"{p}:scan:*", target_nodes=RedisCluster.PRIMARIES)), names, "KEYS over all nodes")
-    eq(rc.dbsize(target_nodes=RedisCluster.PRIMARIES) >= 200, True, "DBSIZE summed over masters")
-    slot = rc.keyslot(f"{p}:scan:0")
-    count = rc.cluster_countkeysinslot(slot)
+    eq(set(rc.keys(f"{p}:scan:*", **everywhere())), names, "KEYS over all nodes")
+    eq(rc.dbsize(**everywhere()) >= 200, True, "DBSIZE summed over masters")
+    if PLAIN:
+        slot = rc.execute_command("CLUSTER KEYSLOT", f"{p}:scan:0")
+        count = rc.execute_command("CLUSTER COUNTKEYSINSLOT", slot)
+        in_slot = rc.execute_command("CLUSTER GETKEYSINSLOT", slot, 1000)
+    else:
+        slot = rc.keyslot(f"{p}:scan:0")
+        count = rc.cluster_countkeysinslot(slot)
+        in_slot = rc.cluster_get_keys_in_slot(slot, 1000)
     eq(count >= 1, True, "CLUSTER COUNTKEYSINSLOT")
     # (redis-py decodes these names in RESP2 only)
-    in_slot = [n if isinstance(n, bytes) else n.encode() for n in rc.cluster_get_keys_in_slot(slot, 1000)]
+    in_slot = [n if isinstance(n, bytes) else n.encode() for n in in_slot]
     eq(f"{p}:scan:0".encode() in in_slot and len(in_slot) == count, True, "CLUSTER GETKEYSINSLOT")
     eq(rc.delete(*names), 200, "DEL")
 
@@ -214,9 +254,7 @@ def transactions(rc, p):
     pipe.set(k + "a", "1").incr(k + "a").get(k + "a")
     eq(oks(pipe.execute()), [True, 2, b"2"], "MULTI/EXEC")
     # WATCH: a change by someone else aborts the transaction.
-    other = RedisCluster(host=rc.get_default_node().host, port=rc.get_default_node().port,
-                         protocol=rc.get_connection_kwargs().get("protocol", 2),
-                         password=rc.get_connection_kwargs().get("password"))
+    other = client(ENDPOINTS[-1])
     with rc.pipeline(transaction=True) as pipe:
         pipe.watch(k + "a")
         eq(pipe.get(k + "a"), b"2", "GET while watching")
@@ -236,8 +274,8 @@ def transactions(rc, p):
         eq(oks(pipe.execute()), [True], "EXEC with an untouched watched key")
     eq(rc.get(k + "a"), b"mine", "committed transaction")
     other.close()
-    # A plain (non-transactional) cluster pipeline over many slots.
-    pipe = rc.pipeline()
+    # A non-transactional pipeline over many slots.
+    pipe = rc.pipeline(transaction=False)
     for i in range(100):
         pipe.set(f"{p}:pipe:{i}", i)
     for i in range(100):
@@ -257,7 +295,7 @@ def scripts(rc, p):
     rc.function_load(code, replace=True)
     eq(rc.fcall(f"get_{lib}", 1, k), b"v", "FCALL")
     try:
-        rc.execute_command("EVAL", "return 1", 2, f"{p}:x1", f"{p}:x2", target_nodes=rc.get_primaries()[0])
+        rc.execute_command("EVAL", "return 1", 2, f"{p}:x1", f"{p}:x2", **on(masters(rc)[0]))
         raise AssertionError("EVAL over keys in two slots must fail")
     except ResponseError as e:
         eq("same slot" in str(e), True, f"EVAL across slots: {e}")
@@ -294,7 +332,10 @@ def blocking(rc, p):
 def wait_message(ps, kind, timeout=5.0, sharded=False):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        m = ps.get_sharded_message(timeout=0.1) if sharded else ps.get_message(timeout=0.1)
+        if sharded and not PLAIN:
+            m = ps.get_sharded_message(timeout=0.1)
+        else:
+            m = ps.get_message(timeout=0.1)
         if m and m["type"] == kind:
             return m
     raise AssertionError(f"no {kind} message within {timeout}s")
@@ -307,10 +348,14 @@ def pubsub(rc, p):
     wait_message(ps, "subscribe")
     wait_message(ps, "psubscribe")
     # PUBLISH through every node: subscribers anywhere get it.
-    for node in rc.get_primaries():
-        n = rc.execute_command("PUBLISH", f"{p}:news", f"from {node.name}", target_nodes=node)
-        eq(n >= 1, True, f"PUBLISH via {node.name} reaches the subscriber")
-        eq(wait_message(ps, "message")["data"], f"from {node.name}".encode(), "message")
+    # PUBLISH through every node (every endpoint): subscribers anywhere get it.
+    publishers = ([(e, client(e)) for e in ENDPOINTS] if PLAIN
+                  else [(n.name, rc) for n in rc.get_primaries()])
+    for i, (name, pub) in enumerate(publishers):
+        node = None if PLAIN else rc.get_primaries()[i]
+        n = pub.execute_command("PUBLISH", f"{p}:news", f"from {name}", **on(node))
+        eq(n >= 1, True, f"PUBLISH via {name} reaches the subscriber")
+        eq(wait_message(ps, "message")["data"], f"from {name}".encode(), "message")
     rc.publish(f"{p}:feed:1", "x")
     m = wait_message(ps, "pmessage")
     eq((m["channel"], m["data"]), (f"{p}:feed:1".encode(), b"x"), "pmessage")
@@ -325,33 +370,30 @@ def pubsub(rc, p):
 
 
 def connection_commands(rc, p):
-    node = rc.get_primaries()[0]
-    eq(rc.client_setname(f"py{p}", target_nodes=node), True, "CLIENT SETNAME")
-    name = rc.client_getname(target_nodes=node)  # decoded in RESP2 only
+    node = masters(rc)[0]
+    eq(rc.client_setname(f"py{p}", **on(node)), True, "CLIENT SETNAME")
+    name = rc.client_getname(**on(node))  # decoded in RESP2 only
     eq(name if isinstance(name, bytes) else name.encode(), f"py{p}".encode(), "CLIENT GETNAME")
-    eq(rc.client_id(target_nodes=node) > 0, True, "CLIENT ID")
-    info = rc.execute_command("CLIENT", "INFO", target_nodes=node)
+    eq(rc.client_id(**on(node)) > 0, True, "CLIENT ID")
+    info = rc.execute_command("CLIENT", "INFO", **on(node))
     info = info.decode() if isinstance(info, bytes) else str(info)
     eq(f"name=py{p}" in info, True, f"CLIENT INFO: {info}")
-    info = rc.info(target_nodes=node)
+    info = rc.info(**on(node))
     eq(info.get("cluster_enabled"), 1, "INFO cluster_enabled")
     eq("redis_version" in info, True, "INFO server section")
     eq(rc.command_count() > 200, True, "COMMAND COUNT")
-    docs = rc.execute_command("COMMAND DOCS", "get", target_nodes=node)
+    docs = rc.execute_command("COMMAND DOCS", "get", **on(node))
     eq(b"get" in docs or "get" in docs, True, "COMMAND DOCS")
 
 
 def replicas(rc, p):
     """After READONLY, a proxy serves reads of its partner's slots from the
     replica it hosts (eventually consistent); READWRITE restores -MOVED."""
-    from redis import Redis
-    kwargs = rc.get_connection_kwargs()
     key = f"{p}:ro"
     rc.set(key, "v")
     owner = rc.get_node_from_key(key)
     other = next(n for n in rc.get_primaries() if n.name != owner.name)
-    direct = Redis(host=other.host, port=other.port, protocol=kwargs.get("protocol", 2),
-                   password=kwargs.get("password"))
+    direct = Redis(host=other.host, port=other.port, **OPTS)
     try:
         direct.get(key)
         raise AssertionError("a read of another proxy's slot must be redirected")
@@ -377,15 +419,27 @@ def replicas(rc, p):
 
 
 def main():
-    host, port = sys.argv[1], int(sys.argv[2])
-    password = sys.argv[3] if len(sys.argv) > 3 else None
+    global PLAIN, ENDPOINTS
+    args = sys.argv[1:]
+    if "--password" in args:
+        i = args.index("--password")
+        OPTS["password"] = args[i + 1]
+        del args[i:i + 2]
+    if args and args[0] == "--plain":
+        PLAIN = True
+        args = args[1:]
+    ENDPOINTS = args
+    assert ENDPOINTS, __doc__
+    families = [strings, hashes, lists, sets, sorted_sets, streams, bitmaps_hll_geo,
+                keyspace, transactions, scripts, blocking, pubsub, connection_commands]
+    if not PLAIN:
+        families.append(replicas)
     run = os.urandom(4).hex()  # fresh keys, so reruns against one cluster work
     for protocol in (3, 2):
-        rc = RedisCluster(host=host, port=port, protocol=protocol, password=password)
+        OPTS["protocol"] = protocol
+        rc = client()
         p = f"r{protocol}-{run}"
-        for family in (strings, hashes, lists, sets, sorted_sets, streams, bitmaps_hll_geo,
-                       keyspace, transactions, scripts, blocking, pubsub, connection_commands,
-                       replicas):
+        for family in families:
             family(rc, p)
             print(f"RESP{protocol} {family.__name__}: ok", flush=True)
         rc.close()

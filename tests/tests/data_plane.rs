@@ -1,7 +1,8 @@
 //! The proxy as a data plane, driven by real clients: every command family
-//! through redis-py's RedisCluster, cluster pipelines through redis-rs,
-//! plain-client mode (per cluster and per listener) with single-endpoint
-//! clients and `redis-cli` without `-c`, and transparent value compression.
+//! through redis-py (RedisCluster, and a plain client in plain mode) and the
+//! redis-rs cluster client, plain-client mode (per cluster and per listener)
+//! with single-endpoint clients and `redis-cli` without `-c`, request order
+//! under pipelining, and transparent value compression.
 
 use std::process::Command;
 use std::time::Duration;
@@ -44,8 +45,25 @@ fn redis_cli(addr: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Runs tests/clients/redis_py_commands.py with `args`.
+fn redis_py_commands(args: &[&str], log: impl Fn() -> String) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/redis_py_commands.py");
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "redis-py failed:\n{}\n{}\nproxy log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_py_drives_every_command_family() {
+async fn redis_py_cluster_client_drives_every_command_family() {
     let sys = System::start(2);
     sys.register_all().await;
     let cluster = sys
@@ -58,24 +76,34 @@ async fn redis_py_drives_every_command_family() {
             },
         )
         .await;
-    let entry = &sys.members(&cluster)[0].resp;
-    let (host, port) = entry.rsplit_once(':').unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/redis_py_commands.py");
-    let out = Command::new(python())
-        .args([script, host, port, "pw"])
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "redis-py failed:\n{}\n{}\nproxy log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        sys.members(&cluster)[0].log()
+    let entry = &sys.members(&cluster)[0];
+    redis_py_commands(&[&entry.resp, "--password", "pw"], || entry.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_client_drives_every_command_family_in_plain_mode() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster(
+            "plainfam",
+            4,
+            v1::ClusterConfig {
+                password: "pw".into(),
+                client_mode: v1::ClientMode::Plain as i32,
+                ..Default::default()
+            },
+        )
+        .await;
+    let m = sys.members(&cluster);
+    redis_py_commands(
+        &["--plain", &m[0].resp, &m[1].resp, "--password", "pw"],
+        || format!("{}\n{}", m[0].log(), m[1].log()),
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_rs_cluster_pipelines_and_cross_slot_errors() {
+async fn redis_rs_cluster_client_runs_the_command_mix() {
     let sys = System::start(2);
     sys.register_all().await;
     let cluster = sys
@@ -97,6 +125,82 @@ async fn redis_rs_cluster_pipelines_and_cross_slot_errors() {
     }
     let got: Vec<i64> = pipe.query_async(&mut conn).await.unwrap();
     assert_eq!(got, (0..500).collect::<Vec<_>>());
+    // Every family, typed through redis-rs.
+    let () = conn
+        .hset_multiple("{h}h", &[("a", 1), ("b", 2)])
+        .await
+        .unwrap();
+    let h: std::collections::HashMap<String, i64> = conn.hgetall("{h}h").await.unwrap();
+    assert_eq!(h.len(), 2);
+    let n: i64 = conn.rpush("{l}l", &["x", "y", "z"]).await.unwrap();
+    assert_eq!(n, 3);
+    let l: Vec<String> = conn.lrange("{l}l", 0, -1).await.unwrap();
+    assert_eq!(l, ["x", "y", "z"]);
+    let n: i64 = conn.sadd("{s}a", &["1", "2"]).await.unwrap();
+    assert_eq!(n, 2);
+    let inter: Vec<String> = conn.sinter(&["{s}a", "{s}a"]).await.unwrap();
+    assert_eq!(inter.len(), 2);
+    let n: i64 = conn.zadd("{z}z", "m", 2.5).await.unwrap();
+    assert_eq!(n, 1);
+    let score: f64 = conn.zscore("{z}z", "m").await.unwrap();
+    assert_eq!(score, 2.5);
+    let id: String = conn.xadd("{x}s", "*", &[("f", "v")]).await.unwrap();
+    let len: usize = conn.xlen("{x}s").await.unwrap();
+    assert!(!id.is_empty() && len == 1);
+    let n: i64 = conn.pfadd("{p}h", &["a", "b"]).await.unwrap();
+    assert_eq!(n, 1);
+    let n: i64 = conn
+        .geo_add("{g}g", (13.36, 38.11, "Palermo"))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let old: i64 = conn.setbit("{b}b", 3, true).await.unwrap();
+    assert_eq!(old, 0);
+    let () = conn.set_ex("ttl", "v", 100).await.unwrap();
+    let ttl: i64 = conn.ttl("ttl").await.unwrap();
+    assert!(0 < ttl && ttl <= 100);
+    // Transactions (one slot), scripts, blocking pops.
+    let (a, b): (i64, i64) = redis::pipe()
+        .atomic()
+        .incr("{t}n", 1)
+        .incr("{t}n", 1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((a, b), (1, 2));
+    let script = redis::Script::new("return redis.call('INCRBY', KEYS[1], ARGV[1])");
+    let v: i64 = script
+        .key("{t}n")
+        .arg(40)
+        .invoke_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(v, 42);
+    let pusher = {
+        let mut c2 = client.get_async_connection().await.unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            c2.rpush::<_, _, i64>("{q}q", "job").await.unwrap();
+        })
+    };
+    let popped: Option<(String, String)> = conn.blpop("{q}q", 5.0).await.unwrap();
+    assert_eq!(popped, Some(("{q}q".into(), "job".into())));
+    pusher.await.unwrap();
+    // Pub/sub: a subscriber on any proxy hears a PUBLISH sent through the
+    // cluster client.
+    let mut sub = redis::Client::open(format!("redis://{}", sys.members(&cluster)[1].resp))
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    sub.subscribe("rs-chan").await.unwrap();
+    let n: i64 = conn.publish("rs-chan", "hi").await.unwrap();
+    assert_eq!(n, 1);
+    let msg = tokio::time::timeout(Duration::from_secs(5), sub.on_message().next())
+        .await
+        .expect("message delivered")
+        .unwrap();
+    assert_eq!(msg.get_payload::<String>().unwrap(), "hi");
     // Multi-key commands over several slots: CROSSSLOT, as from Redis
     // (redis-rs would split MSET itself, so ask directly).
     let reply = raw_exchange(
@@ -130,6 +234,47 @@ async fn single_endpoint_sees_everything(entry: &str, other: &str, prefix: &str)
     for k in keys.iter().step_by(7) {
         let v: String = o.get(k).await.unwrap();
         assert_eq!(&v, k);
+    }
+    // Pipelined, one client's requests reach each node in the order sent,
+    // whether served here, forwarded, split or queued in a transaction.
+    let mut pipe = redis::pipe();
+    let mut want = Vec::new();
+    let bulk = |v: String| redis::Value::BulkString(v.into_bytes());
+    for i in 0..200 {
+        let (k, a, b) = (
+            format!("{prefix}:o{i}"),
+            format!("{prefix}:oa{i}"),
+            format!("{prefix}:ob{i}"),
+        );
+        pipe.set(&k, format!("v{i}")).ignore().get(&k);
+        want.push(bulk(format!("v{i}")));
+        pipe.mset(&[(&a, format!("a{i}")), (&b, format!("b{i}"))])
+            .ignore()
+            .mget(&[&a, &b]);
+        want.push(redis::Value::Array(vec![
+            bulk(format!("a{i}")),
+            bulk(format!("b{i}")),
+        ]));
+    }
+    let counter = format!("{prefix}:counter");
+    pipe.cmd("MULTI")
+        .ignore()
+        .incr(&counter, 5)
+        .ignore()
+        .cmd("EXEC")
+        .ignore()
+        .get(&counter);
+    want.push(bulk("5".into()));
+    let got: Vec<redis::Value> = pipe.query_async(&mut c).await.unwrap();
+    assert_eq!(got, want, "pipelined replies in order and consistent");
+    let _: usize = c.del(&counter).await.unwrap();
+    for i in 0..200 {
+        let keys = [
+            format!("{prefix}:o{i}"),
+            format!("{prefix}:oa{i}"),
+            format!("{prefix}:ob{i}"),
+        ];
+        let _: usize = c.del(&keys).await.unwrap();
     }
     // Multi-key commands are split by slot and gathered in order.
     let mut ask: Vec<String> = keys.iter().rev().cloned().collect();

@@ -85,7 +85,8 @@ pub(crate) enum Pending {
     Wait(ReplyRx),
     /// Work that must run in order with the session's other stateful work
     /// (transactions, subscriptions, blocking commands): polled only once it
-    /// reaches the front of the queue.
+    /// reaches the front of the queue, and nothing after it is dispatched
+    /// until it is done.
     Later(ReplyFuture),
     /// Stateless work (forwarding, gathering) running concurrently, so a
     /// pipeline is not serialised behind it.
@@ -286,10 +287,18 @@ pub async fn serve(
             };
             let table = shared.table.borrow().clone();
             match dispatch(&shared, &table, &mut s, &req, queue.is_empty()) {
-                Dispatch::Reply(pending) => queue.push_back(Slot {
-                    pending,
-                    subscription: false,
-                }),
+                Dispatch::Reply(pending) => {
+                    // Stateful work runs only at the front of the queue, so
+                    // later requests must wait for it, or they would reach
+                    // Redis first (a GET overtaking the EXEC before it).
+                    if matches!(pending, Pending::Later(_)) {
+                        s.hold = true;
+                    }
+                    queue.push_back(Slot {
+                        pending,
+                        subscription: false,
+                    })
+                }
                 Dispatch::Subscription(fut) => {
                     subs_pending += 1;
                     queue.push_back(Slot {

@@ -24,9 +24,9 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 
 use super::commands::ready;
-use super::route::{forward, target_for_slot};
-use super::{await_reply, backend_failure, err, Dispatch, Pending, ReplyFuture, Session};
-use crate::routing::{RouteTable, Serving, Target};
+use super::route::{send_one, target_for_slot};
+use super::{backend_failure, err, Dispatch, Pending, ReplyFuture, Session};
+use crate::routing::{RouteTable, Target};
 
 /// Confirmations one command waits for.
 struct Expect {
@@ -416,15 +416,12 @@ pub(super) fn publish(table: &Arc<RouteTable>, s: &mut Session, req: &Request) -
                 .map(|i| Target::Peer(i as u16)),
         );
     }
-    let table = table.clone();
-    let raw = req.raw().clone();
+    // Queued now, in order with the client's other requests.
+    let futs: Vec<_> = targets
+        .into_iter()
+        .map(|t| send_one(table, t, req.raw().clone(), proto))
+        .collect();
     Dispatch::Reply(Pending::spawn(Box::pin(async move {
-        let Ok(c) = &table.serving else {
-            return Frame::Integer(0).to_bytes(proto);
-        };
-        let futs = targets
-            .into_iter()
-            .map(|t| sends(c, &table, t, raw.clone(), proto));
         let mut receivers = 0i64;
         for reply in futures::future::join_all(futs).await {
             match parse_frame(&reply) {
@@ -438,20 +435,4 @@ pub(super) fn publish(table: &Arc<RouteTable>, s: &mut Session, req: &Request) -
         }
         Frame::Integer(receivers).to_bytes(proto)
     })))
-}
-
-fn sends(
-    c: &Serving,
-    table: &Arc<RouteTable>,
-    t: Target,
-    raw: Bytes,
-    proto: Protocol,
-) -> ReplyFuture {
-    match t {
-        Target::Local(n) => Box::pin(await_reply(
-            c.nodes[usize::from(n)].shared(proto).send(raw),
-            proto,
-        )),
-        Target::Peer(_) => forward(table.clone(), t, raw, proto),
-    }
 }

@@ -182,7 +182,7 @@ pub(super) fn data(
             if !decompress {
                 return Dispatch::Reply(Pending::Wait(rx));
             }
-            Pending::Later(Box::pin(async move {
+            Pending::spawn(Box::pin(async move {
                 compress::decompress_reply(await_reply(rx, proto).await, proto)
             }))
         }
@@ -224,20 +224,25 @@ async fn blocking(pool: &crate::dedicated::DedicatedPool, raw: Bytes, proto: Pro
 /// view may be newer than ours) for at most `MAX_HOPS` hops.
 pub(super) fn forward(
     table: Arc<RouteTable>,
-    mut target: Target,
+    target: Target,
     raw: Bytes,
     proto: Protocol,
 ) -> ReplyFuture {
+    // The first hop is queued now, not when the future first runs: requests
+    // of one client must reach a node in the order the client sent them.
+    let first = match &table.serving {
+        Ok(c) => c.link(target).map(|l| l.shared(proto).send(raw.clone())),
+        Err(_) => None,
+    };
     Box::pin(async move {
         let Ok(c) = &table.serving else {
             return not_serving(&table).to_bytes(proto);
         };
-        let mut reply = Bytes::new();
-        for _ in 0..MAX_HOPS {
-            let Some(link) = c.link(target) else {
-                return err("CLUSTERDOWN no connection to the owner").to_bytes(proto);
-            };
-            reply = await_reply(link.shared(proto).send(raw.clone()), proto).await;
+        let Some(first) = first else {
+            return err("CLUSTERDOWN no connection to the owner").to_bytes(proto);
+        };
+        let mut reply = await_reply(first, proto).await;
+        for _ in 1..MAX_HOPS {
             let Some((kind, addr)) = redirect(&reply) else {
                 return reply;
             };
@@ -257,7 +262,10 @@ pub(super) fn forward(
             if kind == "ASK" {
                 return asking(c, next, raw, proto).await;
             }
-            target = next;
+            let Some(link) = c.link(next) else {
+                return err("CLUSTERDOWN no connection to the owner").to_bytes(proto);
+            };
+            reply = await_reply(link.shared(proto).send(raw.clone()), proto).await;
         }
         reply
     })
@@ -326,27 +334,40 @@ fn keyless_targets(c: &Serving, s: &Session) -> Vec<Target> {
     out
 }
 
-/// Sends `raw` to each target, in order.
-async fn send_all(
+/// Queues `raw` for `target` now and returns its reply's future.
+pub(super) fn send_one(
     table: &Arc<RouteTable>,
-    targets: &[Target],
-    raw: &Bytes,
+    target: Target,
+    raw: Bytes,
     proto: Protocol,
-) -> Vec<Bytes> {
+) -> ReplyFuture {
     let Ok(c) = &table.serving else {
-        return Vec::new();
+        let e = not_serving(table).to_bytes(proto);
+        return Box::pin(async move { e });
     };
-    let futs = targets.iter().map(|t| match (t, c.link(*t)) {
-        (Target::Local(_), Some(l)) => {
-            Box::pin(await_reply(l.shared(proto).send(raw.clone()), proto)) as ReplyFuture
-        }
-        (Target::Peer(_), Some(_)) => forward(table.clone(), *t, raw.clone(), proto),
+    match (target, c.link(target)) {
+        (Target::Local(_), Some(l)) => Box::pin(await_reply(l.shared(proto).send(raw), proto)),
+        (Target::Peer(_), Some(_)) => forward(table.clone(), target, raw, proto),
         (_, None) => {
             let e = err("CLUSTERDOWN no connection").to_bytes(proto);
             Box::pin(async move { e })
         }
-    });
-    futures::future::join_all(futs).await
+    }
+}
+
+/// Queues `raw` for each target now; the future gathers the replies.
+fn send_all(
+    table: &Arc<RouteTable>,
+    targets: &[Target],
+    raw: &Bytes,
+    proto: Protocol,
+) -> futures::future::JoinAll<ReplyFuture> {
+    futures::future::join_all(
+        targets
+            .iter()
+            .map(|t| send_one(table, *t, raw.clone(), proto))
+            .collect::<Vec<_>>(),
+    )
 }
 
 fn frame_of(raw: &[u8]) -> Frame {
@@ -392,10 +413,7 @@ fn keyless(table: &Arc<RouteTable>, s: &mut Session, cmd: &CommandInfo, req: &Re
     let proto = s.protocol;
     if top == "scan" {
         // One target after the other, the cursor saying which.
-        let (table, args) = (table.clone(), req.args().to_vec());
-        return Dispatch::Reply(Pending::spawn(Box::pin(async move {
-            scan(&table, &targets, &args, proto).await
-        })));
+        return Dispatch::Reply(Pending::spawn(scan(table, &targets, req.args(), proto)));
     }
     let is_info = top == "info";
     if combine == Combine::First {
@@ -410,10 +428,9 @@ fn keyless(table: &Arc<RouteTable>, s: &mut Session, cmd: &CommandInfo, req: &Re
             }
         }
     }
-    let table = table.clone();
-    let raw = req.raw().clone();
+    let sent = send_all(table, &targets, req.raw(), proto);
     Dispatch::Reply(Pending::spawn(Box::pin(async move {
-        let replies = send_all(&table, &targets, &raw, proto).await;
+        let replies = sent.await;
         if let Some(bad) = replies.iter().find(|r| r.first() == Some(&b'-')) {
             return bad.clone();
         }
@@ -470,32 +487,39 @@ const SCAN_TARGET_BITS: u32 = 8;
 
 /// SCAN over several targets in turn: the low bits of the cursor say which
 /// target, the rest is that target's own cursor.
-async fn scan(
+fn scan(
     table: &Arc<RouteTable>,
     targets: &[Target],
     args: &[Bytes],
     proto: Protocol,
-) -> Bytes {
+) -> ReplyFuture {
+    let invalid = || -> ReplyFuture {
+        let e = err("ERR invalid cursor").to_bytes(proto);
+        Box::pin(async move { e })
+    };
     let Some(cursor) = std::str::from_utf8(&args[1])
         .ok()
         .and_then(|c| c.parse::<u64>().ok())
     else {
-        return err("ERR invalid cursor").to_bytes(proto);
+        return invalid();
     };
     let mask = (1u64 << SCAN_TARGET_BITS) - 1;
     let index = (cursor & mask) as usize;
     let inner = cursor >> SCAN_TARGET_BITS;
     let Some(&target) = targets.get(index) else {
-        return err("ERR invalid cursor").to_bytes(proto);
+        return invalid();
     };
     let mut sub: Vec<Bytes> = args.to_vec();
     sub[1] = Bytes::from(inner.to_string());
     let mut raw = bytes::BytesMut::new();
     encode_command(&sub, &mut raw);
-    let reply = send_all(table, &[target], &raw.freeze(), proto)
-        .await
-        .pop()
-        .unwrap_or_default();
+    let sent = send_one(table, target, raw.freeze(), proto);
+    let count = targets.len();
+    Box::pin(async move { scan_reply(sent.await, index, count, proto) })
+}
+
+/// Rewrites one node's SCAN reply with the client-facing cursor.
+fn scan_reply(reply: Bytes, index: usize, count: usize, proto: Protocol) -> Bytes {
     let Frame::Array(mut parts) = frame_of(&reply) else {
         return reply;
     };
@@ -509,7 +533,7 @@ async fn scan(
         .unwrap_or(0);
     let next = if next_inner != 0 {
         (next_inner << SCAN_TARGET_BITS) | index as u64
-    } else if index + 1 < targets.len() {
+    } else if index + 1 < count {
         (index + 1) as u64
     } else {
         0
@@ -566,21 +590,23 @@ fn split(
     let decompress = c.compression != Compression::None && top == "mget";
     let top = top.to_owned();
     let total = positions.len();
+    // Every part is queued now, in order with the client's other requests.
+    let (indexes, sent): (Vec<Vec<usize>>, Vec<ReplyFuture>) = parts
+        .into_iter()
+        .map(|(indexes, target, raw)| {
+            let fut = match target {
+                Ok(t) => send_one(&table, t, raw, proto),
+                Err(e) => {
+                    let e = e.to_bytes(proto);
+                    Box::pin(async move { e }) as ReplyFuture
+                }
+            };
+            (indexes, fut)
+        })
+        .unzip();
     Box::pin(async move {
-        let futs = parts.into_iter().map(|(indexes, target, raw)| {
-            let table = table.clone();
-            async move {
-                let reply = match target {
-                    Ok(t) => send_all(&table, &[t], &raw, proto)
-                        .await
-                        .pop()
-                        .unwrap_or_default(),
-                    Err(e) => e.to_bytes(proto),
-                };
-                (indexes, reply)
-            }
-        });
-        let results = futures::future::join_all(futs).await;
+        let replies = futures::future::join_all(sent).await;
+        let results: Vec<(Vec<usize>, Bytes)> = indexes.into_iter().zip(replies).collect();
         if let Some((_, bad)) = results.iter().find(|(_, r)| r.first() == Some(&b'-')) {
             return bad.clone();
         }
@@ -617,7 +643,8 @@ fn split(
 }
 
 /// CLUSTER subcommands; COUNTKEYSINSLOT/GETKEYSINSLOT scan the node that
-/// holds the slot (plain Redis keeps no per-slot index).
+/// holds the slot (plain Redis keeps no per-slot index), through its owner
+/// in plain mode.
 pub(super) fn cluster(
     shared: &Shared,
     table: &Arc<RouteTable>,
@@ -654,6 +681,17 @@ pub(super) fn cluster(
     let node = match c.slot(slot).route {
         SlotRoute::Local(n) if c.node_ready[usize::from(n)].is_ok() => {
             c.nodes[usize::from(n)].admin().clone()
+        }
+        // Plain mode: the owner answers.
+        SlotRoute::Moved(i) if s.plain(c) => {
+            let mut raw = bytes::BytesMut::new();
+            encode_command(args, &mut raw);
+            return Dispatch::Reply(Pending::spawn(forward(
+                table.clone(),
+                Target::Peer(i),
+                raw.freeze(),
+                proto,
+            )));
         }
         // Like a Redis Cluster node: no keys of slots it does not serve.
         _ => {
