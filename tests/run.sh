@@ -38,4 +38,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast -- --test-threads=2
 fi
+# Property tests ran above; the fuzz targets get a short run of their own
+# (longer soaks: FUZZ_SECONDS=600 ./tests/fuzz.sh).
+say "fuzzing the RESP codec"
+FUZZ_SECONDS="${REDMESH_FUZZ_SECONDS:-15}" ./tests/fuzz.sh
 say "all tests passed in $((SECONDS - started))s"
