@@ -1,0 +1,286 @@
+# shellcheck shell=bash
+# Variables set here (PROXY_RESP, CLK_TCK, STATE, ...) are read by the scenarios:
+# shellcheck disable=SC2034
+
+# Shared helpers for the benchmarks (sourced by tests/bench/<scenario>.sh, not run).
+#
+# A benchmark runs its own, isolated redmesh system: etcd, a broker, proxies
+# and redis-server nodes on FREE ports (never the local system's fixed ports
+# 2379, 7001.., 7400, so a system started by deploy/local/up.sh keeps
+# running untouched), with all state, logs and pidfiles in a fresh mktemp
+# directory. Every process started here has a pidfile; a trap stops exactly
+# those processes on exit, error, Ctrl-C or TERM, and nothing else.
+
+set -euo pipefail
+
+# say, die, ensure_packages, wait_for, port_open come from the local-system
+# helpers so both sets of scripts behave alike. That file points STATE, PIDS
+# and LOGS at the local system's ./.redmesh; bench_init re-points them at the
+# benchmark's own directory before anything is started.
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")/../../deploy/local" && pwd)/lib.sh"
+
+BIN="$ROOT/target/release"
+
+# The redmesh binaries read REDMESH_* variables (REDMESH_ETCD, REDMESH_BROKERS,
+# REDMESH_METRICS_LISTEN, ...) as defaults. One exported for the local system
+# would silently point the benchmark's processes at it, so drop them all;
+# REDMESH_BENCH_* are this harness's own settings and stay.
+for _var in $(compgen -e | grep '^REDMESH_' | grep -v '^REDMESH_BENCH_' || true); do
+  unset "$_var"
+done
+unset _var
+
+BENCH_DIR=""        # mktemp directory of this run (state, logs, pidfiles)
+BENCH_PORTS=" "     # ports handed out so far, so no port is given twice
+BENCH_OK=0          # set to 1 by bench_finish; failed runs keep their logs
+
+# bench_init: creates the run directory and installs the cleanup trap. Call
+# once, before starting anything.
+bench_init() {
+  ensure_packages redis-server:redis-server redis-cli:redis-tools \
+    redis-benchmark:redis-tools etcd:etcd-server etcdctl:etcd-client python3:python3
+  BENCH_DIR=$(mktemp -d "${TMPDIR:-/tmp}/redmesh-bench.XXXXXX")
+  STATE=$BENCH_DIR
+  PIDS=$BENCH_DIR/pids
+  LOGS=$BENCH_DIR/logs
+  mkdir -p "$PIDS" "$LOGS"
+  # EXIT covers normal ends and `set -e` failures; INT/TERM are turned into
+  # an exit so the EXIT trap runs exactly once.
+  trap bench_cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
+
+# bench_build: builds the release binaries (a no-op when they are current)
+# so the benchmark measures the code in the tree. REDMESH_BENCH_BUILD=0 uses
+# the binaries as they are.
+bench_build() {
+  if [ "${REDMESH_BENCH_BUILD:-1}" != 0 ]; then
+    command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs) first"
+    say "building release binaries"
+    (cd "$ROOT" && cargo build --release --bins --quiet)
+  fi
+  for b in redmesh-broker redmesh-proxy redmeshctl; do
+    [ -x "$BIN/$b" ] || die "$BIN/$b is missing; build with: cargo build --release --bins"
+  done
+}
+
+# bench_cleanup: stops every process this run started (TERM, then KILL after
+# 10 s), by the pids in its pidfiles only. Removes the run directory after a
+# successful run; keeps it (logs!) after a failure.
+bench_cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  [ -n "$BENCH_DIR" ] && [ -d "$PIDS" ] || exit "$rc"
+  local f pid pids=()
+  for f in "$PIDS"/*.pid; do
+    [ -f "$f" ] || continue
+    pid=$(cat "$f")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid")
+    fi
+  done
+  local deadline=$((SECONDS + 10))
+  for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
+    wait "$pid" 2>/dev/null || true # reap: they are children of this shell
+  done
+  if [ "$rc" -eq 0 ] && [ "$BENCH_OK" = 1 ] && [ "${REDMESH_BENCH_KEEP:-0}" != 1 ]; then
+    rm -rf "$BENCH_DIR"
+  else
+    printf 'benchmark state and logs kept in %s\n' "$BENCH_DIR" >&2
+  fi
+  exit "$rc"
+}
+
+# bench_finish: marks the run successful (its directory is then removed).
+bench_finish() { BENCH_OK=1; }
+
+# bench_free_ports N: sets FREE_PORTS to N distinct free TCP ports on
+# 127.0.0.1. The kernel picks them (bind to port 0, all sockets held open
+# together so it cannot hand out one twice); they come from the ephemeral
+# range, far from the local system's fixed ports (2379-2380, 7001-7420,
+# 9400-9434), and anything below 10000 is refused anyway. It sets a variable
+# rather than printing because a $(...) subshell would lose BENCH_PORTS.
+FREE_PORTS=()
+bench_free_ports() {
+  local n=$1 port
+  FREE_PORTS=()
+  while [ ${#FREE_PORTS[@]} -lt "$n" ]; do
+    for port in $(python3 - "$n" <<'PY'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+    ); do
+      [ ${#FREE_PORTS[@]} -lt "$n" ] || break
+      [ "$port" -gt 10000 ] || continue
+      case "$BENCH_PORTS" in *" $port "*) continue ;; esac
+      BENCH_PORTS+="$port "
+      FREE_PORTS+=("$port")
+    done
+  done
+}
+
+# bench_spawn NAME COMMAND...: runs COMMAND in the background with its log in
+# $LOGS/NAME.log and its pid in $PIDS/NAME.pid (for cleanup and liveness).
+bench_spawn() {
+  local name=$1; shift
+  [ ! -e "$PIDS/$name.pid" ] || die "bench_spawn: $name already started"
+  nohup "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  echo $! >"$PIDS/$name.pid"
+}
+
+# bench_pid NAME: pid of a started process.
+bench_pid() { cat "$PIDS/$1.pid"; }
+
+# bench_check_alive: fails (with the log tail) if any started process died.
+# Benchmarks call it between measurements: a number measured while a piece
+# of the system was down would be meaningless.
+bench_check_alive() {
+  local f name
+  for f in "$PIDS"/*.pid; do
+    [ -f "$f" ] || continue
+    name=$(basename "$f" .pid)
+    if ! kill -0 "$(cat "$f")" 2>/dev/null; then
+      tail -n 20 "$LOGS/$name.log" >&2 || true
+      die "$name (pid $(cat "$f")) died; log: $LOGS/$name.log"
+    fi
+  done
+}
+
+# --- the system -------------------------------------------------------------
+
+ETCD_URL=""
+BROKER_URL=""
+
+# bench_start_etcd: a single-member etcd with its data under the run dir.
+bench_start_etcd() {
+  bench_free_ports 2
+  local client=${FREE_PORTS[0]} peer=${FREE_PORTS[1]}
+  ETCD_URL="http://127.0.0.1:$client"
+  bench_spawn etcd etcd --name redmesh-bench --data-dir "$BENCH_DIR/etcd" \
+    --listen-client-urls "$ETCD_URL" --advertise-client-urls "$ETCD_URL" \
+    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+    --initial-cluster "redmesh-bench=http://127.0.0.1:$peer" --initial-cluster-state new \
+    --logger zap --log-outputs stderr --log-level warn
+  wait_for etcd 30 etcdctl --endpoints "$ETCD_URL" endpoint health
+}
+
+# bench_start_broker: the broker on a free port, following this run's etcd.
+bench_start_broker() {
+  bench_free_ports 1
+  local port=${FREE_PORTS[0]}
+  BROKER_URL="http://127.0.0.1:$port"
+  bench_spawn broker "$BIN/redmesh-broker" --listen "127.0.0.1:$port" --etcd "$ETCD_URL"
+  wait_for broker 30 ctl proxy list
+}
+
+# ctl ARGS...: redmeshctl against this run's broker.
+ctl() { "$BIN/redmeshctl" --broker "$BROKER_URL" "$@"; }
+
+# bench_start_redis NAME PORT: a plain redis-server without persistence
+# (--save '' --appendonly no: a benchmark must not measure fsync or fork).
+bench_start_redis() {
+  local name=$1 port=$2
+  mkdir -p "$BENCH_DIR/$name"
+  bench_spawn "$name" redis-server --port "$port" --bind 127.0.0.1 --dir "$BENCH_DIR/$name" \
+    --save '' --appendonly no --daemonize no
+}
+
+# redis_ping PORT: the server at PORT answers PONG (redis-cli exits 0 on
+# some error replies, so the reply itself is checked).
+redis_ping() { [ "$(redis-cli -p "$1" ping 2>/dev/null)" = PONG ]; }
+
+# Ports of the started proxies, by proxy id.
+declare -A PROXY_RESP=() PROXY_ADMIN=() PROXY_REDIS=()
+
+# bench_start_chunk ID_A ID_B: one chunk: two proxies registered on hosts
+# host-a and host-b, each with two redis-server nodes, all on free ports.
+bench_start_chunk() {
+  local ids=("$1" "$2") host=(host-a host-b) i id resp admin r1 r2
+  for i in 0 1; do
+    id=${ids[$i]}
+    bench_free_ports 4
+    read -r resp admin r1 r2 <<<"${FREE_PORTS[*]}"
+    bench_start_redis "redis-$id-0" "$r1"
+    bench_start_redis "redis-$id-1" "$r2"
+    wait_for "redis $r1" 20 redis_ping "$r1"
+    wait_for "redis $r2" 20 redis_ping "$r2"
+    bench_spawn "proxy-$id" "$BIN/redmesh-proxy" --id "$id" --listen "127.0.0.1:$resp" \
+      --admin-listen "127.0.0.1:$admin" --broker "$BROKER_URL"
+    wait_for "proxy $id" 20 redis_ping "$resp"
+    ctl proxy register --id "$id" --resp "127.0.0.1:$resp" --admin "127.0.0.1:$admin" \
+      --host "${host[$i]}" --redis "127.0.0.1:$r1,127.0.0.1:$r2" >/dev/null
+    PROXY_RESP[$id]=$resp
+    PROXY_ADMIN[$id]=$admin
+    PROXY_REDIS[$id]="$r1 $r2"
+  done
+}
+
+# cluster_ok PORT: the proxy at PORT reports cluster_state:ok.
+cluster_ok() { redis-cli -p "$1" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; }
+
+# bench_create_cluster NAME NODES: creates the cluster and waits until every
+# proxy of it serves (cluster_state:ok).
+bench_create_cluster() {
+  local name=$1 nodes=$2 port
+  ctl cluster create "$name" --nodes "$nodes" >/dev/null
+  for port in $(cluster_json "$name" | python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["proxies"]:
+    print(p["spec"]["respAddress"].rsplit(":", 1)[1])'); do
+    wait_for "cluster $name on proxy port $port" 30 cluster_ok "$port"
+  done
+}
+
+# cluster_json NAME: the broker's JSON view of the cluster.
+cluster_json() { ctl --json cluster get "$1"; }
+
+# master_port CLUSTER PROXY_ID: port of the Redis node that is the master of
+# the shard PROXY_ID owns (from the cluster's shards, not from a guess about
+# node order).
+master_port() {
+  cluster_json "$1" | python3 -c '
+import json, sys
+d, pid = json.load(sys.stdin), sys.argv[1]
+for s in d["cluster"]["shards"] if "cluster" in d else d["shards"]:
+    m = s["master"]
+    if m["proxyId"] == pid:
+        idx = m.get("nodeIndex", 0)
+        for p in d["proxies"]:
+            if p["spec"]["id"] == pid:
+                print(p["spec"]["redisNodes"][idx].rsplit(":", 1)[1])
+                sys.exit(0)
+sys.exit("no shard mastered by " + pid)' "$2"
+}
+
+# --- measurement helpers ------------------------------------------------------
+
+CLK_TCK=$(getconf CLK_TCK)
+
+# proc_cpu_ticks PID: user+system CPU time of a process (all threads), in
+# clock ticks, from /proc/PID/stat (fields 14 and 15; the command name in
+# field 2 is skipped by cutting after its closing parenthesis).
+proc_cpu_ticks() {
+  local line rest
+  read -r line 2>/dev/null <"/proc/$1/stat" || die "process $1 is gone"
+  rest=${line##*) }
+  # shellcheck disable=SC2086
+  set -- $rest
+  echo $(( ${12} + ${13} ))
+}
+
+# machine_cpu: "busy total" jiffies of all CPUs from /proc/stat, to compute
+# how saturated the machine was during a measurement.
+machine_cpu() {
+  local _cpu user nice sys idle iowait irq softirq steal _rest
+  read -r _cpu user nice sys idle iowait irq softirq steal _rest </proc/stat
+  echo "$((user + nice + sys + irq + softirq + steal)) $((user + nice + sys + idle + iowait + irq + softirq + steal))"
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs one benchmark scenario: ./tests/bench/run.sh <scenario>
+#
+# Each scenario is a file tests/bench/<scenario>.sh; this script only
+# dispatches, so adding a scenario means adding its file (and a line to the
+# usage text below). Every scenario starts its own isolated redmesh system on
+# free ports (tests/bench/lib.sh) and prints its results as ratios against a
+# reference measured in the same run, because these machines are too noisy
+# for absolute numbers to compare across runs. See docs/PERFORMANCE.md.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() {
+  cat >&2 <<'USAGE'
+usage: ./tests/bench/run.sh <scenario>
+
+scenarios:
+  proxy   throughput and latency through a proxy vs. the same Redis node
+          directly (redis-benchmark: SET, GET, MSET, LPUSH; -P 1 and -P 16)
+
+environment:
+  REDMESH_BENCH_BUILD=0     do not run `cargo build --release --bins` first
+  REDMESH_BENCH_SECONDS=S   target length of one measured run (default 2.5)
+  REDMESH_BENCH_REPS=K      measured pairs per row, median reported (default 3)
+  REDMESH_BENCH_KEEP=1      keep the run's state and logs directory
+USAGE
+  exit 2
+}
+
+[ $# -eq 1 ] || usage
+case "$1" in
+  -h | --help) usage ;;
+  */* | .* | lib) usage ;; # only scenario files, not paths or the helper library
+esac
+scenario="$HERE/$1.sh"
+[ -f "$scenario" ] || { echo "unknown scenario: $1" >&2; usage; }
+exec bash "$scenario"
