@@ -230,3 +230,15 @@ impl Redis {
         &mut self.child
     }
 }
+
+/// The Python with redis-py that tests/run.sh prepares.
+pub fn python() -> String {
+    std::env::var("REDMESH_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/pyenv/bin/python");
+        assert!(
+            std::path::Path::new(venv).exists(),
+            "redis-py is not set up: run ./tests/run.sh once, or set REDMESH_PYTHON to a python with redis-py"
+        );
+        venv.to_owned()
+    })
+}

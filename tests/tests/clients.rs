@@ -4,20 +4,8 @@
 use std::process::Command;
 
 use redmesh_api::v1;
-use redmesh_e2e::harness::raw_exchange;
+use redmesh_e2e::harness::{python, raw_exchange};
 use redmesh_e2e::System;
-
-/// The Python with redis-py that tests/run.sh prepares.
-fn python() -> String {
-    std::env::var("REDMESH_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/pyenv/bin/python");
-        assert!(
-            std::path::Path::new(venv).exists(),
-            "redis-py is not set up: run ./tests/run.sh once, or set REDMESH_PYTHON to a python with redis-py"
-        );
-        venv.to_owned()
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_py_cluster_client_works_in_resp3_and_resp2() {

@@ -10,21 +10,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use redis::AsyncCommands;
 use redmesh_api::v1;
-use redmesh_e2e::harness::raw_exchange;
+use redmesh_e2e::harness::{python, raw_exchange};
 use redmesh_e2e::System;
 use tonic::Code;
-
-/// The Python with redis-py that tests/run.sh prepares.
-fn python() -> String {
-    std::env::var("REDMESH_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/pyenv/bin/python");
-        assert!(
-            std::path::Path::new(venv).exists(),
-            "redis-py is not set up: run ./tests/run.sh once, or set REDMESH_PYTHON to a python with redis-py"
-        );
-        venv.to_owned()
-    })
-}
 
 async fn connect(addr: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(format!("redis://{addr}"))
