@@ -77,6 +77,11 @@ pub enum ListenerMode {
 /// A future producing an encoded reply.
 pub(crate) type ReplyFuture = Pin<Box<dyn Future<Output = Bytes> + Send>>;
 
+/// A reply already known, where a future is expected.
+pub(crate) fn known(reply: Bytes) -> ReplyFuture {
+    Box::pin(std::future::ready(reply))
+}
+
 /// A reply slot in the client's queue.
 pub(crate) enum Pending {
     /// Already known.

@@ -13,7 +13,9 @@ use redmesh_resp::command::{self, flags, CommandInfo};
 use redmesh_resp::{encode_command, parse_frame, Frame, Protocol, Request};
 
 use super::commands::{cluster_local, lower, ready, top_name};
-use super::{await_reply, backend_failure, err, Dispatch, Pending, ReplyFuture, Session, Shared};
+use super::{
+    await_reply, backend_failure, err, known, Dispatch, Pending, ReplyFuture, Session, Shared,
+};
 use crate::compress;
 use crate::routing::{RouteTable, Serving, SlotRoute, Target};
 
@@ -342,16 +344,12 @@ pub(super) fn send_one(
     proto: Protocol,
 ) -> ReplyFuture {
     let Ok(c) = &table.serving else {
-        let e = not_serving(table).to_bytes(proto);
-        return Box::pin(async move { e });
+        return known(not_serving(table).to_bytes(proto));
     };
     match (target, c.link(target)) {
         (Target::Local(_), Some(l)) => Box::pin(await_reply(l.shared(proto).send(raw), proto)),
         (Target::Peer(_), Some(_)) => forward(table.clone(), target, raw, proto),
-        (_, None) => {
-            let e = err("CLUSTERDOWN no connection").to_bytes(proto);
-            Box::pin(async move { e })
-        }
+        (_, None) => known(err("CLUSTERDOWN no connection").to_bytes(proto)),
     }
 }
 
@@ -493,10 +491,7 @@ fn scan(
     args: &[Bytes],
     proto: Protocol,
 ) -> ReplyFuture {
-    let invalid = || -> ReplyFuture {
-        let e = err("ERR invalid cursor").to_bytes(proto);
-        Box::pin(async move { e })
-    };
+    let invalid = || known(err("ERR invalid cursor").to_bytes(proto));
     let Some(cursor) = std::str::from_utf8(&args[1])
         .ok()
         .and_then(|c| c.parse::<u64>().ok())
@@ -567,8 +562,7 @@ fn split(
     }
     let mut parts: Vec<(Vec<usize>, Result<Target, Frame>, Bytes)> = Vec::new();
     let Ok(c) = &table.serving else {
-        let e = not_serving(&table).to_bytes(proto);
-        return Box::pin(async move { e });
+        return known(not_serving(&table).to_bytes(proto));
     };
     for (slot, keys) in &groups {
         let mut sub: Vec<Bytes> = vec![args[0].clone()];
@@ -596,10 +590,7 @@ fn split(
         .map(|(indexes, target, raw)| {
             let fut = match target {
                 Ok(t) => send_one(&table, t, raw, proto),
-                Err(e) => {
-                    let e = e.to_bytes(proto);
-                    Box::pin(async move { e }) as ReplyFuture
-                }
+                Err(e) => known(e.to_bytes(proto)),
             };
             (indexes, fut)
         })
