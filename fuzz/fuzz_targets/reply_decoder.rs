@@ -3,9 +3,13 @@
 //! Input: byte 0 picks the limits, bytes 1..4 the chunk sizes (cycled; 0 = all the rest), the
 //! remainder is the stream. Checked: no panic; every reply is a non-empty prefix of what was
 //! buffered; whatever `parse_frame` makes of a reply spans all of it (it may only fail, as it
-//! checks more than the boundaries); and the outcome does not depend on the split. The decoder never buffers on its own (it only
-//! scans and splits the caller's buffer) and its nesting stack is capped by `max_depth`.
+//! checks more than the boundaries); and the outcome does not depend on the split. The decoder
+//! never buffers on its own (it only scans and splits the caller's buffer) and its nesting stack
+//! is capped by `max_depth`.
 #![no_main]
+
+#[path = "common/split.rs"]
+mod split;
 
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
@@ -60,23 +64,5 @@ fn decode<'a>(limits: Limits, chunks: impl Iterator<Item = &'a [u8]>) -> Outcome
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((head, stream)) = data.split_first_chunk::<4>() else {
-        return;
-    };
-    let limits = LIMITS[usize::from(head[0]) % LIMITS.len()];
-    let sizes = head[1..]
-        .iter()
-        .map(|&b| if b == 0 { usize::MAX } else { usize::from(b) });
-    let mut rest = stream;
-    let chunks = sizes.cycle().map_while(|n| {
-        let (chunk, tail) = rest.split_at(n.min(rest.len()));
-        rest = tail;
-        (!chunk.is_empty()).then_some(chunk)
-    });
-    let chunked = decode(limits, chunks);
-    assert_eq!(
-        chunked,
-        decode(limits, std::iter::once(stream)),
-        "outcome depends on the split"
-    );
+    split::same_outcome_at_any_split(data, &LIMITS, |l, chunks| decode(l, chunks));
 });

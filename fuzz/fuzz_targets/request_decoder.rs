@@ -7,6 +7,9 @@
 //! Vec-style doubling, and the outcome does not depend on the split.
 #![no_main]
 
+#[path = "common/split.rs"]
+mod split;
+
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use redmesh_resp::{Limits, Request, RequestDecoder};
@@ -84,23 +87,5 @@ fn decode<'a>(limits: Limits, chunks: impl Iterator<Item = &'a [u8]>) -> Outcome
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((head, stream)) = data.split_first_chunk::<4>() else {
-        return;
-    };
-    let limits = LIMITS[usize::from(head[0]) % LIMITS.len()];
-    let sizes = head[1..]
-        .iter()
-        .map(|&b| if b == 0 { usize::MAX } else { usize::from(b) });
-    let mut rest = stream;
-    let chunks = sizes.cycle().map_while(|n| {
-        let (chunk, tail) = rest.split_at(n.min(rest.len()));
-        rest = tail;
-        (!chunk.is_empty()).then_some(chunk)
-    });
-    let chunked = decode(limits, chunks);
-    assert_eq!(
-        chunked,
-        decode(limits, std::iter::once(stream)),
-        "outcome depends on the split"
-    );
+    split::same_outcome_at_any_split(data, &LIMITS, |l, chunks| decode(l, chunks));
 });
