@@ -97,6 +97,9 @@ redmesh is running (state, logs and pids in $STATE).
   Metrics:        http://127.0.0.1:9400/metrics (broker), :9431-9434 (proxies)
   Stop:           ./deploy/local/down.sh
 
-The coordinator, health-checkers and migrator run as placeholders (health
-and reflection only) until failover and migration land.
+Failover: three health-checkers (7410-7412) probe every proxy and the
+coordinator (7401) fails a dead proxy over to its partner, then replaces it
+with a free one (proxy-3/proxy-4 are free). Watch its decisions with
+  grpcurl -plaintext 127.0.0.1:7401 redmesh.v1.Coordinator/WatchEvents
+The migrator runs as a placeholder (health and reflection only).
 MSG

@@ -155,12 +155,13 @@ async fn bad_requests_get_precise_errors() {
             node_count: 4,
             config: Some(v1::ClusterConfig {
                 durability: v1::Durability::ReplicaAck as i32,
+                replica_ack_timeout_ms: 600_000,
                 ..Default::default()
             }),
         })
         .await,
-        Code::Unimplemented,
-        "replica_ack",
+        Code::InvalidArgument,
+        "replica_ack_timeout_ms",
     );
     assert_status(
         b.create_cluster(v1::CreateClusterRequest {

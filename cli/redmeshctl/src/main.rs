@@ -97,6 +97,14 @@ enum ClientModeArg {
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DurabilityArg {
+    /// Acknowledge once the master has the write.
+    Async,
+    /// Acknowledge only after the replica confirmed it (WAIT 1).
+    ReplicaAck,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum CompressionArg {
     None,
     Lz4,
@@ -125,6 +133,13 @@ enum ClusterCmd {
         /// Smallest value, in bytes, that is compressed.
         #[arg(long, default_value_t = 256)]
         compression_threshold: u32,
+        /// When a write is acknowledged: `async` (the master has it) or
+        /// `replica-ack` (its replica confirmed it; survives a host loss).
+        #[arg(long, value_enum, default_value_t = DurabilityArg::Async)]
+        durability: DurabilityArg,
+        /// Milliseconds a replica-ack write waits for its replica.
+        #[arg(long, default_value_t = 100)]
+        replica_ack_timeout_ms: u32,
     },
     /// Show one cluster.
     Get {
@@ -292,6 +307,19 @@ fn print_cluster(c: &v1::Cluster, proxies: &[v1::Proxy]) {
             cfg.compression_threshold
         );
     }
+    if cfg.durability() == v1::Durability::ReplicaAck {
+        println!(
+            "durable   replica-ack (writes wait up to {} ms for their replica)",
+            cfg.replica_ack_timeout_ms
+        );
+    }
+    if let Some(task) = c.task.as_ref().filter(|t| !t.detail.is_empty()) {
+        println!(
+            "task      {} — {}",
+            enum_label(task.kind().as_str_name()),
+            task.detail
+        );
+    }
     let mut t = table(&[
         "SHARD",
         "MASTER (proxy/node)",
@@ -419,6 +447,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 client_mode,
                 compression,
                 compression_threshold,
+                durability,
+                replica_ack_timeout_ms,
             } => {
                 let password = if password_stdin {
                     read_password()?
@@ -441,6 +471,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 CompressionArg::Zstd => v1::Compression::Zstd,
                             } as i32,
                             compression_threshold,
+                            durability: match durability {
+                                DurabilityArg::Async => v1::Durability::Async,
+                                DurabilityArg::ReplicaAck => v1::Durability::ReplicaAck,
+                            } as i32,
+                            replica_ack_timeout_ms,
                             ..Default::default()
                         }),
                     })

@@ -39,7 +39,8 @@ pub fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
     }
 }
 
-fn system_time(t: Option<&pbjson_types::Timestamp>) -> SystemTime {
+/// Decodes a timestamp (absent: the Unix epoch).
+pub fn system_time(t: Option<&pbjson_types::Timestamp>) -> SystemTime {
     t.map_or(UNIX_EPOCH, |t| {
         UNIX_EPOCH
             + Duration::new(

@@ -4,6 +4,7 @@
 
 mod allocate;
 mod cluster;
+pub mod failover;
 mod names;
 mod proxy;
 pub mod slots;

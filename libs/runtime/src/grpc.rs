@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use redmesh_store::{MetaError, StoreError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::RoutesBuilder;
@@ -27,6 +28,20 @@ pub enum GrpcError {
     /// The server failed while running.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+}
+
+/// The gRPC status for a failed metadata operation: domain refusals keep
+/// their code (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION…), an
+/// unreachable store is UNAVAILABLE, lost races are ABORTED (retry).
+pub fn meta_status(e: MetaError) -> tonic::Status {
+    match e {
+        MetaError::Model(m) => redmesh_api::convert::status_of(&m),
+        MetaError::Store(StoreError::Unavailable(msg)) => tonic::Status::unavailable(msg),
+        MetaError::Store(other) => tonic::Status::internal(other.to_string()),
+        MetaError::Contention(_) | MetaError::GuardFailed(_) => {
+            tonic::Status::aborted(e.to_string())
+        }
+    }
 }
 
 /// Binds a listener, naming the address on failure.

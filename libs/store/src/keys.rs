@@ -54,6 +54,26 @@ impl Keys {
         format!("{}/health/{checker}/{proxy}", self.root)
     }
 
+    /// Prefix of every live checker's presence record.
+    pub fn checkers(&self) -> String {
+        format!("{}/checkers/", self.root)
+    }
+
+    /// One checker's presence record (leased).
+    pub fn checker(&self, checker: &str) -> String {
+        format!("{}/checkers/{checker}", self.root)
+    }
+
+    /// Prefix of the coordinator's recorded decisions.
+    pub fn events(&self) -> String {
+        format!("{}/events/", self.root)
+    }
+
+    /// One recorded decision; ids sort by time.
+    pub fn event(&self, id: &str) -> String {
+        format!("{}/events/{id}", self.root)
+    }
+
     /// Prefix of a cluster's migration tasks.
     pub fn migrations(&self, cluster: &str) -> String {
         format!("{}/migrations/{cluster}/", self.root)

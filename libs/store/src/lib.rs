@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
+mod changes;
 pub mod conformance;
 mod election;
 mod etcd;
@@ -21,6 +22,7 @@ mod lease;
 mod mem;
 pub mod meta;
 
+pub use changes::changes;
 pub use election::{Election, Leadership};
 pub use etcd::{EtcdOptions, EtcdStore};
 pub use keys::Keys;

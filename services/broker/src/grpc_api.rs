@@ -9,8 +9,8 @@ use futures::Stream;
 use redmesh_api::convert::{self, public_cluster, status_of};
 use redmesh_api::v1::{self, broker_server::Broker, topology_server::Topology};
 use redmesh_model::{ClusterName, ModelError, ProxyId};
-use redmesh_runtime::CancellationToken;
-use redmesh_store::{MetaError, StoreError};
+use redmesh_runtime::{grpc, CancellationToken};
+use redmesh_store::MetaError;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -32,12 +32,7 @@ pub(crate) struct Api {
 }
 
 fn status(e: MetaError) -> Status {
-    match e {
-        MetaError::Model(m) => status_of(&m),
-        MetaError::Store(StoreError::Unavailable(msg)) => Status::unavailable(msg),
-        MetaError::Store(other) => Status::internal(other.to_string()),
-        MetaError::Contention(_) | MetaError::GuardFailed(_) => Status::aborted(e.to_string()),
-    }
+    grpc::meta_status(e)
 }
 
 fn invalid(e: ModelError) -> Status {

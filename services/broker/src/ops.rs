@@ -56,13 +56,19 @@ pub fn check_node_count(node_count: u32) -> Result<usize, ModelError> {
     Ok((node_count / NODES_PER_CHUNK) as usize)
 }
 
-/// Refuses settings this version cannot honour yet, instead of storing a
-/// promise the proxies would not keep.
+/// Longest replica confirmation wait a cluster may configure.
+const MAX_REPLICA_ACK_TIMEOUT_MS: u32 = 10_000;
+
+/// Checks settings beyond what decoding checks: a replica_ack wait must be
+/// short enough that a write never hangs a client for long.
 fn check_supported(config: &ClusterConfig) -> Result<(), ModelError> {
-    if config.durability != Durability::Async {
-        return Err(ModelError::Unsupported(
-            "config.durability: replica_ack durability is not supported by this version of redmesh"
-                .into(),
+    if config.replica_ack_timeout_ms > MAX_REPLICA_ACK_TIMEOUT_MS {
+        return Err(ModelError::invalid(
+            "config.replica_ack_timeout_ms",
+            format!(
+                "{} ms exceeds the maximum of {MAX_REPLICA_ACK_TIMEOUT_MS} ms",
+                config.replica_ack_timeout_ms
+            ),
         ));
     }
     Ok(())
@@ -511,11 +517,12 @@ mod tests {
         pool(&ops, 2).await;
         let cfg = ClusterConfig {
             durability: Durability::ReplicaAck,
+            replica_ack_timeout_ms: 60_000,
             ..ClusterConfig::default()
         };
         let err = ops.create_cluster(name("c"), 4, cfg).await.unwrap_err();
         assert!(
-            matches!(err, MetaError::Model(ModelError::Unsupported(_))),
+            matches!(err, MetaError::Model(ModelError::InvalidArgument { .. })),
             "{err}"
         );
         // Compression can change algorithm but never be turned off.

@@ -77,6 +77,12 @@ pub struct Config {
     /// Most arguments in one client request.
     #[arg(long, env = "REDMESH_PROXY_MAX_MULTIBULK_LEN", default_value_t = 1024 * 1024)]
     pub max_multibulk_len: usize,
+    /// Refuse writes after this long without word from any broker (views
+    /// and keepalives arrive every ~250 ms). Keep it below failure detection
+    /// plus failover time, so a proxy cut off from the control plane stops
+    /// writing before its replacement starts (DESIGN.md §5).
+    #[arg(long, env = "REDMESH_PROXY_FENCE_AFTER", default_value = "750ms", value_parser = humantime::parse_duration)]
+    pub fence_after: Duration,
     /// Logging and metrics.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
@@ -97,7 +103,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         None => None,
     };
     let admin_listener = grpc::bind(&config.admin_listen).await?;
-    let feed = topology::spawn(config.brokers.clone(), proxy_id.clone(), shutdown.clone());
+    let feed = topology::spawn(
+        config.brokers.clone(),
+        proxy_id.clone(),
+        config.fence_after,
+        shutdown.clone(),
+    );
     let (table_tx, table_rx) = watch::channel(Arc::new(RouteTable::empty()));
     let reports = Arc::new(Mutex::new(Vec::new()));
     let opts = BackendOptions {
@@ -122,6 +133,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         },
         next_client_id: AtomicU64::new(1),
         clients: AtomicU64::new(0),
+        feed: feed.clone(),
+        fence_after: config.fence_after,
     });
     let admin = admin::Admin {
         shared: shared.clone(),

@@ -14,8 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use redmesh_model::{
-    node_id, Address, ClientMode, ClusterName, Compression, NodeRole, ProxyId, ProxyState,
-    ProxyView, Slot, SlotRange, SLOT_COUNT,
+    node_id, Address, ClientMode, ClusterName, Compression, Durability, NodeRole, ProxyId,
+    ProxyState, ProxyView, Slot, SlotRange, SLOT_COUNT,
 };
 use redmesh_resp::Frame;
 
@@ -80,6 +80,11 @@ pub struct Serving {
     pub compression: Compression,
     /// Smallest value compressed.
     pub compression_threshold: usize,
+    /// With `replica_ack` durability: how long a write waits for its
+    /// replica (ms).
+    pub replica_ack_ms: Option<u32>,
+    /// Per local node: whether the shard it masters has a replica to wait for.
+    pub node_has_replica: [bool; 2],
     /// Every slot.
     pub slots: Vec<SlotEntry>,
     /// All proxies of the cluster, sorted by id.
@@ -190,9 +195,15 @@ fn build_serving(
         (ProxyState::Failed, _) => return Err(format!("proxy {me} was failed out of its cluster")),
         _ => return Err(format!("proxy {me} is not part of any cluster")),
     };
+    // Members failed out of the cluster (holes awaiting replacement) are
+    // neither listed to clients nor connected to.
     let peers: Vec<Peer> = view
         .members
         .iter()
+        .filter(|p| {
+            p.id() == me
+                || (p.state == ProxyState::Allocated && p.cluster.as_ref() == Some(&cluster.name))
+        })
         .map(|p| Peer {
             id: p.id().clone(),
             node_id: node_id(p.id()),
@@ -253,6 +264,12 @@ fn build_serving(
         .filter(|&n| slots.iter().any(|e| e.route == SlotRoute::Local(n)))
         .collect();
     let pubsub_node = local_masters.first().copied();
+    let node_has_replica = [0u8, 1].map(|n| {
+        cluster
+            .shards
+            .iter()
+            .any(|s| &s.master.proxy_id == me && s.master.node_index == n && !s.replicas.is_empty())
+    });
 
     let owner = |s: usize| match slots[s].route {
         SlotRoute::Local(_) => Some(my_index),
@@ -302,6 +319,9 @@ fn build_serving(
         client_mode: cluster.config.client_mode,
         compression: cluster.config.compression,
         compression_threshold: cluster.config.compression_threshold as usize,
+        replica_ack_ms: (cluster.config.durability == Durability::ReplicaAck)
+            .then_some(cluster.config.replica_ack_timeout_ms.max(1)),
+        node_has_replica,
         slots,
         peers,
         me: my_index,

@@ -5,6 +5,13 @@
 //! brokers; keeps serving the last view meanwhile (fail-static). Views with
 //! an epoch not newer than the current one are ignored. `last_contact`
 //! records when a broker last vouched for the view (view or keepalive).
+//!
+//! Fencing relies on that freshness, so a message that arrives after a gap
+//! longer than `fence_after` does not count: it may have sat in a socket
+//! buffer while this process was paused or cut off, and a failover may have
+//! happened since. The stream is then reopened, and only its first message —
+//! the broker's current view, sent in answer to the new call — refreshes
+//! the contact time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,20 +64,33 @@ impl TopologyFeed {
 }
 
 /// Starts following `proxy_id`'s view on `brokers` (gRPC URLs).
-pub fn spawn(brokers: Vec<String>, proxy_id: ProxyId, shutdown: CancellationToken) -> TopologyFeed {
+pub fn spawn(
+    brokers: Vec<String>,
+    proxy_id: ProxyId,
+    fence_after: Duration,
+    shutdown: CancellationToken,
+) -> TopologyFeed {
     let (tx, rx) = watch::channel(None);
     let feed = TopologyFeed {
         rx,
         started: Instant::now(),
         last_contact_ms: Arc::new(AtomicU64::new(0)),
     };
-    tokio::spawn(follow(brokers, proxy_id, tx, feed.clone(), shutdown));
+    tokio::spawn(follow(
+        brokers,
+        proxy_id,
+        fence_after,
+        tx,
+        feed.clone(),
+        shutdown,
+    ));
     feed
 }
 
 async fn follow(
     brokers: Vec<String>,
     proxy_id: ProxyId,
+    fence_after: Duration,
     tx: watch::Sender<Option<Arc<ProxyView>>>,
     feed: TopologyFeed,
     shutdown: CancellationToken,
@@ -82,7 +102,7 @@ async fn follow(
         turn += 1;
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = stream_once(broker, &proxy_id, &tx, &feed) => r,
+            r = stream_once(broker, &proxy_id, fence_after, &tx, &feed) => r,
         };
         match outcome {
             Ok(()) => {
@@ -104,6 +124,7 @@ async fn follow(
 async fn stream_once(
     broker: &str,
     proxy_id: &ProxyId,
+    fence_after: Duration,
     tx: &watch::Sender<Option<Arc<ProxyView>>>,
     feed: &TopologyFeed,
 ) -> anyhow::Result<()> {
@@ -121,12 +142,20 @@ async fn stream_once(
         .await?
         .into_inner();
     tracing::info!(%broker, known_epoch, "following topology");
+    let mut first = true;
     loop {
         let msg = match tokio::time::timeout(SILENCE_LIMIT, stream.message()).await {
             Err(_) => anyhow::bail!("no message from the broker for {SILENCE_LIMIT:?}"),
             Ok(r) => r?,
         };
         let Some(msg) = msg else { return Ok(()) };
+        if !first && feed.age().is_some_and(|age| age > fence_after) {
+            anyhow::bail!(
+                "the broker stream was silent for longer than fence_after ({fence_after:?}); \
+                 reopening it for a fresh view"
+            );
+        }
+        first = false;
         match msg.event {
             Some(Event::View(v)) => {
                 let view = match ProxyView::try_from(&v) {

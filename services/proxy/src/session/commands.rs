@@ -98,6 +98,7 @@ pub(super) fn dispatch(
     {
         return tx::queue(table, s, cmd, req);
     }
+    s.fenced = shared.fenced();
     // ASKING applies to the very next command only.
     let asking = std::mem::take(&mut s.asking);
     match top {

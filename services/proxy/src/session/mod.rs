@@ -55,6 +55,26 @@ pub struct Shared {
     pub next_client_id: AtomicU64,
     /// Connected clients (for metrics and GetInfo).
     pub clients: AtomicU64,
+    /// The topology subscription (its freshness decides fencing).
+    pub feed: crate::topology::TopologyFeed,
+    /// Refuse writes after this long without word from any broker.
+    pub fence_after: std::time::Duration,
+}
+
+impl Shared {
+    /// Why writes are refused right now, if they are: no broker has vouched
+    /// for the topology for `fence_after`, so a failover may already have
+    /// moved this proxy's masters elsewhere (DESIGN.md §5).
+    pub fn fenced(&self) -> Option<String> {
+        let age = self.feed.age()?;
+        (age > self.fence_after).then(|| {
+            format!(
+                "CLUSTERDOWN proxy {} is fenced: no word from any broker for {} ms; writes are refused until one answers",
+                self.proxy_id,
+                age.as_millis()
+            )
+        })
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -137,6 +157,8 @@ pub(crate) struct Session {
     pub tx: tx::Tx,
     pub subs: pubsub::Subscriptions,
     pub last_command: &'static str,
+    /// Set per request: why writes are refused (fencing), if they are.
+    pub fenced: Option<String>,
 }
 
 impl Session {
@@ -225,6 +247,7 @@ pub async fn serve(
         tx: tx::Tx::default(),
         subs: pubsub::Subscriptions::new(push_tx),
         last_command: "",
+        fenced: None,
     };
     let mut decoder = RequestDecoder::new(shared.limits);
     let mut inbuf = BytesMut::with_capacity(16 * 1024);

@@ -161,18 +161,45 @@ pub(super) fn data(
         Ok(t) => t,
         Err(reply) => return ready(reply, s),
     };
+    let writes = writes(cmd);
+    if writes {
+        if let Some(why) = &s.fenced {
+            return ready(err(why.clone()), s);
+        }
+    }
+    // With replica_ack, a local write is confirmed by its replica (WAIT 1)
+    // before the client hears OK.
+    let ack = match (c.replica_ack_ms, target) {
+        (Some(ms), Target::Local(n)) if writes => {
+            if !c.node_has_replica[usize::from(n)] {
+                return ready(err(format!(
+                    "NOREPLICAS slot {slot} has no replica right now (durability replica_ack); the write was not applied"
+                )), s);
+            }
+            Some(ms)
+        }
+        _ => None,
+    };
     let req = compress::request(c, top_name(cmd), req);
     let decompress = c.compression != Compression::None && compress::has_values(top_name(cmd));
     let proto = s.protocol;
-    if blocks(cmd, args) {
-        // Redis runs nothing else from this client until the reply comes.
+    if blocks(cmd, args) || ack.is_some() {
+        // Redis runs nothing else from this client until the reply comes;
+        // an acknowledged write likewise holds the client's later requests,
+        // so they cannot overtake it on another connection.
         s.hold = true;
         let pool = c.link(target).map(|l| l.dedicated(proto).clone());
         let raw = req.raw().clone();
+        let is_blocking = blocks(cmd, args);
         return Dispatch::Reply(Pending::Later(Box::pin(async move {
-            match pool {
-                Some(pool) => blocking(&pool, raw, proto).await,
+            let reply = match pool {
+                Some(pool) => dedicated_call(&pool, raw, is_blocking, ack, proto).await,
                 None => err("CLUSTERDOWN no connection to the owner").to_bytes(proto),
+            };
+            if decompress {
+                compress::decompress_reply(reply, proto)
+            } else {
+                reply
             }
         })));
     }
@@ -203,9 +230,23 @@ pub(super) fn data(
     Dispatch::Reply(pending)
 }
 
-/// Runs a blocking command on a dedicated connection. Dropping the future
-/// (client gone) drops the connection, which unblocks Redis.
-async fn blocking(pool: &crate::dedicated::DedicatedPool, raw: Bytes, proto: Protocol) -> Bytes {
+/// Whether a command changes data (and so is fenced, and acknowledged
+/// under `replica_ack`). Scripts and functions may write; FCALL_RO and
+/// EVAL_RO are read-only by contract.
+fn writes(cmd: &CommandInfo) -> bool {
+    cmd.has(flags::WRITE) || matches!(top_name(cmd), "eval" | "evalsha" | "fcall")
+}
+
+/// Runs a command on a dedicated connection: a blocking one (dropping the
+/// future — client gone — drops the connection, which unblocks Redis), or
+/// one whose write must be confirmed by the replica (`ack`: WAIT timeout).
+async fn dedicated_call(
+    pool: &crate::dedicated::DedicatedPool,
+    raw: Bytes,
+    blocking: bool,
+    ack: Option<u32>,
+    proto: Protocol,
+) -> Bytes {
     let mut conn = match pool.get().await {
         Ok(c) => c,
         Err(e) => return backend_failure(&e).to_bytes(proto),
@@ -213,12 +254,63 @@ async fn blocking(pool: &crate::dedicated::DedicatedPool, raw: Bytes, proto: Pro
     if let Err(e) = conn.send(&[&raw]).await {
         return backend_failure(&e).to_bytes(proto);
     }
-    match conn.reply_blocking().await {
-        Ok(reply) => {
-            pool.put(conn);
-            reply
+    let reply = if blocking {
+        conn.reply_blocking().await
+    } else {
+        conn.reply().await
+    };
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(e) => return backend_failure(&e).to_bytes(proto),
+    };
+    let Some(ms) = ack else {
+        pool.put(conn);
+        return reply;
+    };
+    let confirmed = replica_ack(&mut conn, &reply, ms, proto).await;
+    if confirmed.is_ok() {
+        pool.put(conn);
+    }
+    confirmed.unwrap_or_else(|e| e)
+}
+
+/// After a write's `reply` on `conn`: `WAIT 1 ms`, and the reply only if
+/// the replica confirmed. An error reply needs no confirmation.
+pub(super) async fn replica_ack(
+    conn: &mut crate::dedicated::Dedicated,
+    reply: &Bytes,
+    ms: u32,
+    proto: Protocol,
+) -> Result<Bytes, Bytes> {
+    if reply.first() == Some(&b'-') || reply.first() == Some(&b'!') {
+        return Ok(reply.clone());
+    }
+    let mut wait = bytes::BytesMut::new();
+    encode_command(
+        &[b"WAIT".as_slice(), b"1", ms.to_string().as_bytes()],
+        &mut wait,
+    );
+    let wait = wait.freeze();
+    let acks = match conn.send(&[&wait]).await {
+        Ok(()) => conn.reply().await,
+        Err(e) => Err(e),
+    };
+    match acks {
+        Ok(a) if matches!(parse_frame(&a), Ok(Some((Frame::Integer(n), _))) if n >= 1) => {
+            Ok(reply.clone())
         }
-        Err(e) => backend_failure(&e).to_bytes(proto),
+        Ok(_) => {
+            metrics::counter!("redmesh_proxy_replica_ack_failures_total").increment(1);
+            Err(err(format!(
+                "NOREPLICAS the write was applied on the master but its replica did not confirm it within {ms} ms \
+                 (durability replica_ack); it may be lost if the master fails"
+            ))
+            .to_bytes(proto))
+        }
+        Err(e) => Err(err(format!(
+            "ERR the write's replica confirmation failed ({e}); the write may or may not be durable"
+        ))
+        .to_bytes(proto)),
     }
 }
 

@@ -250,6 +250,14 @@ fn exec(table: &Arc<RouteTable>, s: &mut Session) -> Dispatch {
     let Ok(c) = &table.serving else {
         return ready(err("CLUSTERDOWN the proxy serves no cluster"), s);
     };
+    if let Some(why) = s.fenced.clone() {
+        return Dispatch::Reply(Pending::Later(Box::pin(async move {
+            if let Some(w) = tx.watch {
+                release(w).await;
+            }
+            err(why).to_bytes(proto)
+        })));
+    }
     // The transaction's owner; a keyless one runs on a local master.
     let target = match tx.slot {
         Some(slot) => match target_for_slot(c, s, slot, false) {
@@ -273,6 +281,18 @@ fn exec(table: &Arc<RouteTable>, s: &mut Session) -> Dispatch {
             Some(l) => (l.dedicated(proto).clone(), None),
             None => return ready(err("CLUSTERDOWN no connection to the owner"), s),
         },
+    };
+    let ack = match (c.replica_ack_ms, target) {
+        (Some(ms), Target::Local(n)) => {
+            if !c.node_has_replica[usize::from(n)] {
+                return ready(
+                    err("NOREPLICAS the transaction's shard has no replica right now (durability replica_ack); nothing was applied"),
+                    s,
+                );
+            }
+            Some(ms)
+        }
+        _ => None,
     };
     let was_watched = pinned.is_some();
     let decompress = c.compression != Compression::None;
@@ -306,6 +326,12 @@ fn exec(table: &Arc<RouteTable>, s: &mut Session) -> Dispatch {
                 Ok(r) => last = r,
                 Err(e) => return backend_failure(&e).to_bytes(proto),
             }
+        }
+        if let Some(ms) = ack {
+            last = match super::route::replica_ack(&mut conn, &last, ms, proto).await {
+                Ok(r) => r,
+                Err(e) => return e,
+            };
         }
         pool.put(conn);
         if decompress {
