@@ -263,3 +263,59 @@ async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_wr
     );
     drop(checkers);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_proxy_is_fenced_and_replaced() {
+    let sys = System::start(4);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("fence", 4, v1::ClusterConfig::default())
+        .await;
+    let _checkers = [
+        checker(&sys, "hc-a"),
+        checker(&sys, "hc-b"),
+        checker(&sys, "hc-c"),
+    ];
+    let co = coordinator(&sys, "co-1", &[]);
+    eventually("a coordinator leader", Duration::from_secs(20), || async {
+        status(&co).await.is_leader.then_some(())
+    })
+    .await;
+    let (victim, _) = sys.key_master(&cluster, b"fenced-key");
+    let victim_id = victim.id.clone();
+    let child = victim.child.as_ref().unwrap();
+    let paused_at = Instant::now();
+    child.signal("-STOP");
+    eventually(
+        "the paused proxy replaced",
+        Duration::from_secs(30),
+        || async {
+            let (c, _) = get_cluster(&sys, "fence").await;
+            let gone = c.chunks.iter().all(|ch| !ch.proxy_ids.contains(&victim_id));
+            gone.then_some(())
+        },
+    )
+    .await;
+    // Past the harness's --fence-after (3 s), then wake it up and write to
+    // it at once: the write must be refused, never applied.
+    let fence = Duration::from_millis(3500);
+    if let Some(rest) = fence.checked_sub(paused_at.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    child.signal("-CONT");
+    let reply = redmesh_e2e::harness::raw_exchange(&victim.resp, b"SET fenced-key stale\r\n")
+        .expect("the resumed proxy answers");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        text.starts_with("-CLUSTERDOWN"),
+        "a fenced proxy accepted or misrouted a write: {text}\n{}",
+        victim.log()
+    );
+    let (healed, _) = get_cluster(&sys, "fence").await;
+    sys.wait_cluster_ok(&healed).await;
+    let (_, node) = sys.key_master(&healed, b"fenced-key");
+    let client = redis::Client::open(format!("redis://{}", node.addr)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let v: Option<String> = conn.get("fenced-key").await.unwrap();
+    assert_eq!(v, None, "the write reached the new master");
+}
