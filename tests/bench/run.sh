@@ -31,7 +31,7 @@ USAGE
 [ $# -eq 1 ] || usage
 case "$1" in
   -h | --help) usage ;;
-  */* | .* | lib) usage ;; # only scenario files, not paths or the helper library
+  */* | .* | lib | failover_official) usage ;; # only scenario files, not paths or helper libraries
 esac
 scenario="$HERE/$1.sh"
 [ -f "$scenario" ] || { echo "unknown scenario: $1" >&2; usage; }
