@@ -111,7 +111,7 @@ async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_wr
     // A dead checker fails nothing over: wait until every checker has
     // judged the pool, kill one, and see the cluster untouched.
     for c in &checkers {
-        let mut client = v1::health_checker_client::HealthCheckerClient::connect(c.url())
+        let client = v1::health_checker_client::HealthCheckerClient::connect(c.url())
             .await
             .unwrap();
         eventually("verdicts on every proxy", Duration::from_secs(20), || {
@@ -128,7 +128,6 @@ async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_wr
             }
         })
         .await;
-        let _ = &mut client;
     }
     checkers[2].kill();
     let epoch_before = get_cluster(&sys, "ha").await.0.epoch;

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::events::event;
 use crate::health::Votes;
 use crate::leader::{is_degraded, Actor, Committed};
-use crate::switchover::{switchover, SwitchError};
+use crate::switchover::{commit_switch, switchover, SwitchError};
 
 /// The service.
 pub struct Api {
@@ -183,7 +183,11 @@ impl Coordinator for Api {
                     format!("proxy {pid} masters no shard of cluster {name}; nothing to fail over"),
                 )));
             }
-            committed = Some(self.force_switch(&leadership, &name, &pid).await?);
+            committed = Some(
+                commit_switch(&self.actor.repo, &leadership, &name, &pid)
+                    .await
+                    .map_err(meta_status)?,
+            );
         }
         let Some(done) = committed else {
             return Err(Status::failed_precondition(format!(
@@ -240,32 +244,5 @@ impl Coordinator for Api {
             })
             .take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
-    }
-}
-
-impl Api {
-    async fn force_switch(
-        &self,
-        leadership: &Leadership,
-        name: &ClusterName,
-        pid: &ProxyId,
-    ) -> Result<Committed, Status> {
-        self.actor
-            .repo
-            .update_guarded(vec![leadership.guard()], |snap, epoch| {
-                let cluster = snap.clusters.get(name).ok_or_else(|| {
-                    ModelError::FailedPrecondition(format!("cluster {name} is gone"))
-                })?;
-                let (next, promoted) = redmesh_model::failover::switch_roles(cluster, pid)?;
-                Ok((
-                    redmesh_store::Change {
-                        put_clusters: vec![next],
-                        ..Default::default()
-                    },
-                    Committed { epoch, promoted },
-                ))
-            })
-            .await
-            .map_err(meta_status)
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use redmesh_api::v1::CoordinatorEventKind as Kind;
 use redmesh_model::{
-    failover::{fail_proxy, holes, partner_of, replace_proxy},
+    failover::{fail_proxy, holes, replace_proxy},
     Cluster, ClusterName, ClusterTask, ClusterTaskKind, ModelError, NodeRef, Proxy, ProxyId,
     ProxyState, ShardId,
 };
@@ -427,9 +427,4 @@ pub fn is_degraded(cluster: &Cluster, snap: &Snapshot) -> bool {
     })
     .is_empty()
         || cluster.shards.iter().any(|s| s.replicas.is_empty())
-}
-
-/// The partner of `proxy`, re-exported for the API.
-pub fn partner<'a>(cluster: &'a Cluster, proxy: &ProxyId) -> Option<&'a ProxyId> {
-    partner_of(cluster, proxy)
 }

@@ -13,7 +13,9 @@ use anyhow::Context;
 use bytes::Bytes;
 use redmesh_api::convert;
 use redmesh_api::v1::{self, coordinator_server::CoordinatorServer, CoordinatorEventKind};
-use redmesh_runtime::{grpc, CancellationToken, EtcdArgs, TelemetryArgs};
+use redmesh_runtime::{
+    backoff::reconnect_delays, grpc, CancellationToken, EtcdArgs, TelemetryArgs,
+};
 use redmesh_store::{Election, Leadership, LeaseKeeper, MetaRepo, MetaStore};
 use tokio::sync::watch;
 use tonic::service::RoutesBuilder;
@@ -140,22 +142,22 @@ async fn campaign_forever(
     lead_tx: watch::Sender<Option<Leadership>>,
     shutdown: CancellationToken,
 ) {
-    let mut failures: u32 = 0;
+    let fresh = || reconnect_delays(Duration::from_millis(100), Duration::from_secs(2));
+    let mut delays = fresh();
     while !shutdown.is_cancelled() {
         match lead_once(
             &actor, &store, &election, &candidate, ttl, &lead_tx, &shutdown,
         )
         .await
         {
-            Ok(()) => failures = 0,
+            Ok(()) => delays = fresh(),
             Err(e) => {
-                failures = failures.saturating_add(1);
                 tracing::warn!(error = %e, "coordinator election failed; campaigning again");
             }
         }
         lead_tx.send_replace(None);
         metrics::gauge!("redmesh_coordinator_leader").set(0.0);
-        let pause = Duration::from_millis(100u64 << failures.min(4)).min(Duration::from_secs(2));
+        let pause = delays.next().unwrap_or(Duration::from_secs(2));
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}

@@ -95,6 +95,31 @@ async fn offset(addr: &Address) -> Result<i64, SwitchError> {
         })
 }
 
+/// Commits the role swap of every shard `pid` masters, guarded by the
+/// leadership: the whole of a forced switch, the middle step of a graceful one.
+pub async fn commit_switch(
+    repo: &MetaRepo,
+    leadership: &Leadership,
+    name: &ClusterName,
+    pid: &ProxyId,
+) -> Result<Committed, MetaError> {
+    repo.update_guarded(vec![leadership.guard()], |snap, epoch| {
+        let cluster = snap
+            .clusters
+            .get(name)
+            .ok_or_else(|| ModelError::FailedPrecondition(format!("cluster {name} is gone")))?;
+        let (next, promoted) = switch_roles(cluster, pid)?;
+        Ok((
+            Change {
+                put_clusters: vec![next],
+                ..Change::default()
+            },
+            Committed { epoch, promoted },
+        ))
+    })
+    .await
+}
+
 /// Switches every shard `pid` masters in `name` to its replica, gracefully.
 pub async fn switchover(
     repo: &MetaRepo,
@@ -168,21 +193,7 @@ pub async fn switchover(
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-        let committed = repo
-            .update_guarded(vec![leadership.guard()], |snap, epoch| {
-                let cluster = snap.clusters.get(name).ok_or_else(|| {
-                    ModelError::FailedPrecondition(format!("cluster {name} is gone"))
-                })?;
-                let (next, promoted) = switch_roles(cluster, pid)?;
-                Ok((
-                    Change {
-                        put_clusters: vec![next],
-                        ..Change::default()
-                    },
-                    Committed { epoch, promoted },
-                ))
-            })
-            .await?;
+        let committed = commit_switch(repo, leadership, name, pid).await?;
         for p in &mut pairs {
             run(
                 &mut p.conn,

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use redmesh_api::{convert, v1};
 use redmesh_model::{Proxy, ProxyId, ProxySpec, ProxyState};
+use redmesh_runtime::backoff::reconnect_delays;
 use redmesh_store::{meta::decode_proxy, Keys, LeaseKeeper, MetaStore, StoreError};
 use tokio::sync::{broadcast, Notify};
 use tokio::task::JoinHandle;
@@ -328,17 +329,16 @@ pub async fn publish(
     lease_ttl: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut failures: u32 = 0;
+    let mut delays = reconnect_delays(Duration::from_millis(100), Duration::from_secs(2));
     while !shutdown.is_cancelled() {
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = publish_under_one_lease(&monitor, &store, &keys, &presence, lease_ttl) => r,
         };
         if let Err(e) = outcome {
-            failures = failures.saturating_add(1);
             tracing::warn!(error = %e, "publishing verdicts failed; retrying with a new lease");
         }
-        let pause = Duration::from_millis(100u64 << failures.min(4)).min(Duration::from_secs(2));
+        let pause = delays.next().unwrap_or(Duration::from_secs(2));
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(pause) => {}
