@@ -91,8 +91,10 @@ pub fn bin_path(name: &str) -> PathBuf {
 pub struct Etcd {
     /// Client URL, `http://127.0.0.1:PORT`.
     pub endpoint: String,
+    client: u16,
+    peer: u16,
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -109,10 +111,24 @@ impl Etcd {
         let dir = tempfile::tempdir().expect("tempdir");
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
+        let child = Self::spawn(dir.path(), client, peer);
+        Self {
+            endpoint,
+            client,
+            peer,
+            child,
+            dir,
+        }
+    }
+
+    /// Runs etcd on `client`/`peer` with its data under `dir` (kept across
+    /// restarts) and waits until it reports healthy.
+    fn spawn(dir: &std::path::Path, client: u16, peer: u16) -> Child {
+        let endpoint = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let mut cmd = Command::new("etcd");
         cmd.args(["--name", "n1", "--data-dir"])
-            .arg(dir.path().join("data"))
+            .arg(dir.join("data"))
             .args([
                 "--listen-client-urls",
                 &endpoint,
@@ -139,7 +155,7 @@ impl Etcd {
                 "--log-level",
                 "warn",
             ]);
-        let mut child = Child::spawn("etcd", cmd, &dir.path().join("etcd.log"));
+        let mut child = Child::spawn("etcd", cmd, &dir.join("etcd.log"));
         let addr = format!("127.0.0.1:{client}");
         wait_until("etcd", Duration::from_secs(20), || {
             assert!(!child.exited(), "etcd exited:\n{}", child.log_tail());
@@ -147,11 +163,14 @@ impl Etcd {
                 .map(|r| String::from_utf8_lossy(&r).contains("\"health\":\"true\""))
                 .unwrap_or(false)
         });
-        Self {
-            endpoint,
-            child,
-            _dir: dir,
-        }
+        child
+    }
+
+    /// Starts a killed etcd again on the same ports and data (an etcd
+    /// restart as operators see it).
+    pub fn restart(&mut self) {
+        self.child.kill();
+        self.child = Self::spawn(self.dir.path(), self.client, self.peer);
     }
 
     /// Kills etcd (SIGKILL).

@@ -271,6 +271,12 @@ type Tx<T> = mpsc::Sender<Result<T, Status>>;
 
 /// One WatchTopology subscription: newest view on change, keepalives while
 /// the index is current, never an older epoch than already sent.
+///
+/// Views, too, go out only while the index is current. A proxy trusts the
+/// first message of a new stream (DESIGN.md §5), so a broker cut off from
+/// etcd must not hand out its possibly stale view even then: a proxy whose
+/// stream was reopened would otherwise count it as fresh contact and keep
+/// taking writes while a failover it cannot see moves its slots elsewhere.
 async fn stream_topology(
     index: Index,
     id: ProxyId,
@@ -279,32 +285,40 @@ async fn stream_topology(
 ) {
     use v1::watch_topology_response::Event;
     let mut rx = index.subscribe(&id);
-    rx.mark_changed();
+    let mut unsent = true;
     let mut tick = tokio::time::interval(KEEPALIVE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_epoch: Option<u64> = None;
     loop {
-        let event = tokio::select! {
+        let mut event = None;
+        tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tx.closed() => return,
             changed = rx.changed() => {
                 if changed.is_err() {
                     return;
                 }
-                let Some(view) = rx.borrow_and_update().clone() else { continue };
+                unsent = true;
+            }
+            _ = tick.tick() => {
+                if let Some(epoch) = last_epoch.filter(|_| !unsent && index.is_current()) {
+                    event = Some(Event::Keepalive(keepalive(epoch)));
+                }
+            }
+        }
+        if unsent && index.is_current() {
+            unsent = false;
+            if let Some(view) = rx.borrow_and_update().clone() {
                 let epoch = view.message.epoch;
                 if last_epoch.is_some_and(|last| epoch < last) {
                     tracing::warn!(proxy = %id, epoch, last = ?last_epoch, "not sending a view older than one already sent");
-                    continue;
+                } else {
+                    last_epoch = Some(epoch);
+                    event = Some(Event::View(view.message.clone()));
                 }
-                last_epoch = Some(epoch);
-                Event::View(view.message.clone())
             }
-            _ = tick.tick() => match last_epoch {
-                Some(epoch) if index.is_current() => Event::Keepalive(keepalive(epoch)),
-                _ => continue,
-            },
-        };
+        }
+        let Some(event) = event else { continue };
         if tx
             .send(Ok(v1::WatchTopologyResponse { event: Some(event) }))
             .await
