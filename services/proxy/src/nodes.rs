@@ -38,6 +38,13 @@ redis.call('select', 1)
 return redis.call('exists', KEYS[1])
 "#;
 
+/// Reads a node's marker (nil when it has none). Read-only, so it also runs
+/// on a replica.
+const GET_MARKER_SCRIPT: &str = r#"
+redis.call('select', 1)
+return redis.call('get', KEYS[1])
+"#;
+
 /// What the proxy wants of one local node, and how applying it went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeReport {
@@ -94,20 +101,67 @@ async fn current_master(node: &Backend) -> Result<Option<(String, String)>, Stri
     }
 }
 
-async fn ensure_master(node: &Backend) -> Result<(), String> {
-    if current_master(node).await?.is_some() {
+/// Makes a node master of cluster `uid`'s shard. A replica is promoted
+/// only if it holds the cluster's marker, i.e. it completed a sync from a
+/// master of this cluster: a replica that never synced (its first full sync
+/// still pending when its master died) is empty, and serving it would answer
+/// every read of the shard with nothing and take writes over lost data. It
+/// stays a replica and the shard stays unavailable, with this error, until
+/// an operator decides (its old master's node, if it survived, has the data).
+async fn ensure_master(node: &Backend, uid: &str) -> Result<(), String> {
+    if let Some((host, port)) = current_master(node).await? {
+        let marker = reply_ok(
+            node.call(&["EVAL", GET_MARKER_SCRIPT, "1", MARKER_KEY])
+                .await
+                .map_err(backend_err)?,
+            "marker check",
+        )?;
+        if text(&marker).as_deref() != Some(uid) {
+            return Err(format!(
+                "refusing to promote node {}: it never completed a sync from its master \
+                 {host}:{port} (no cluster marker), so it does not hold the shard's data",
+                node.addr()
+            ));
+        }
         tracing::info!(
             node = node.addr(),
             "promoting local node to master (REPLICAOF NO ONE)"
         );
-        reply_ok(
-            node.call(&["REPLICAOF", "NO", "ONE"])
-                .await
-                .map_err(backend_err)?,
-            "REPLICAOF NO ONE",
-        )?;
+        replicaof_no_one(node).await?;
+    }
+    // Each master has exactly one replica, so Redis's default 5 s wait for
+    // more replicas before a diskless full sync only delays the moment a new
+    // replica holds the data (and may be promoted). Best effort: CONFIG may
+    // be renamed or disabled by the operator.
+    match node
+        .call(&["CONFIG", "SET", "repl-diskless-sync-delay", "0"])
+        .await
+    {
+        Ok(Frame::Error(e)) => tracing::debug!(
+            node = node.addr(),
+            error = %String::from_utf8_lossy(&e),
+            "could not shorten the diskless sync delay"
+        ),
+        Err(e) => return Err(backend_err(e)),
+        Ok(_) => {}
     }
     Ok(())
+}
+
+/// Back in the pool: a master again, replicating from nobody.
+async fn stop_replicating(node: &Backend) -> Result<(), String> {
+    if current_master(node).await?.is_some() {
+        replicaof_no_one(node).await?;
+    }
+    Ok(())
+}
+
+async fn replicaof_no_one(node: &Backend) -> Result<(), String> {
+    let reply = node
+        .call(&["REPLICAOF", "NO", "ONE"])
+        .await
+        .map_err(backend_err)?;
+    reply_ok(reply, "REPLICAOF NO ONE").map(|_| ())
 }
 
 async fn ensure_replica_of(node: &Backend, host: &str, port: u16) -> Result<(), String> {
@@ -161,7 +215,7 @@ async fn claim(node: &Backend, uid: &str) -> Result<(), String> {
 
 /// Empties a node that holds redmesh data, after stopping replication.
 async fn wipe(node: &Backend) -> Result<(), String> {
-    ensure_master(node).await?;
+    stop_replicating(node).await?;
     let has = reply_ok(
         node.call(&["EVAL", HAS_MARKER_SCRIPT, "1", MARKER_KEY])
             .await
@@ -265,7 +319,7 @@ pub async fn apply(plan: &Plan, nodes: &[Backend; 2]) -> Vec<NodeReport> {
                 let outcome = match (&task.role, &task.master) {
                     (NodeRole::Master { .. }, _) => {
                         async {
-                            ensure_master(node).await?;
+                            ensure_master(node, uid).await?;
                             claim(node, uid).await
                         }
                         .await
