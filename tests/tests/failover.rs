@@ -3,7 +3,10 @@
 //! Redis nodes under continuous replica_ack writes is failed over and
 //! replaced from the pool, even when the coordinator leader dies between
 //! the two steps, and no acknowledged write is lost; a dead health-checker
-//! causes no failover.
+//! causes no failover; a paused proxy is fenced and replaced; an etcd outage
+//! fences writes but not reads and heals without failover; a chunk with both
+//! proxies down costs only its own slots; a replica that never synced is
+//! not promoted to serve an empty shard.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -72,6 +75,21 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Three health-checkers and a coordinator, once it leads.
+async fn control_plane(sys: &System) -> ([Service; 3], Service) {
+    let checkers = [
+        checker(sys, "hc-a"),
+        checker(sys, "hc-b"),
+        checker(sys, "hc-c"),
+    ];
+    let co = coordinator(sys, "co-1", &[]);
+    eventually("a coordinator leader", Duration::from_secs(20), || async {
+        status(&co).await.is_leader.then_some(())
+    })
+    .await;
+    (checkers, co)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,16 +288,7 @@ async fn paused_proxy_is_fenced_and_replaced() {
     let cluster = sys
         .create_cluster("fence", 4, v1::ClusterConfig::default())
         .await;
-    let _checkers = [
-        checker(&sys, "hc-a"),
-        checker(&sys, "hc-b"),
-        checker(&sys, "hc-c"),
-    ];
-    let co = coordinator(&sys, "co-1", &[]);
-    eventually("a coordinator leader", Duration::from_secs(20), || async {
-        status(&co).await.is_leader.then_some(())
-    })
-    .await;
+    let (_checkers, _co) = control_plane(&sys).await;
     let (victim, _) = sys.key_master(&cluster, b"fenced-key");
     let victim_id = victim.id.clone();
     let child = victim.child.as_ref().unwrap();
@@ -317,4 +326,295 @@ async fn paused_proxy_is_fenced_and_replaced() {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let v: Option<String> = conn.get("fenced-key").await.unwrap();
     assert_eq!(v, None, "the write reached the new master");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_fences_writes_keeps_reads_and_heals_without_failover() {
+    let mut sys = System::start(4);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("outage", 4, v1::ClusterConfig::default())
+        .await;
+    let (mut checkers, mut co) = control_plane(&sys).await;
+    let (owner, _) = sys.key_master(&cluster, b"outage-key");
+    let addr = owner.resp.clone();
+    let set = |value: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let reply = redmesh_e2e::harness::raw_exchange(
+                &addr,
+                format!("SET outage-key {value}\r\n").as_bytes(),
+            )
+            .expect("the proxy answers");
+            String::from_utf8_lossy(&reply).into_owned()
+        }
+    };
+    assert_eq!(set("before").await, "+OK\r\n");
+    let epoch = get_cluster(&sys, "outage").await.0.epoch;
+
+    // etcd dies for longer than every lease (coordinator 2 s, checkers 3 s)
+    // and the proxies' fence (3 s in the harness).
+    sys.etcd.kill();
+    let outage = Instant::now();
+    let refused = eventually("writes fenced", Duration::from_secs(10), || async {
+        let r = set("during").await;
+        r.starts_with("-CLUSTERDOWN").then_some(r)
+    })
+    .await;
+    let fenced_in = outage.elapsed();
+    assert!(
+        fenced_in >= Duration::from_millis(2500),
+        "fenced only {fenced_in:?} after the outage began, before the broker could know: {refused}"
+    );
+    // Reads go on from the last topology (writes went through until the
+    // fence, so the value is the last of those).
+    let read = redmesh_e2e::harness::raw_exchange(&addr, b"GET outage-key\r\n").unwrap();
+    let read = String::from_utf8_lossy(&read);
+    assert!(
+        read == "$6\r\nduring\r\n" || read == "$6\r\nbefore\r\n",
+        "{read}"
+    );
+    // The control plane answers with a clear error instead of hanging.
+    let err = sys
+        .broker()
+        .await
+        .get_cluster(v1::GetClusterRequest {
+            name: "outage".into(),
+        })
+        .await
+        .expect_err("the broker cannot read etcd");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(err.message().contains("etcd"), "{err}");
+    tokio::time::sleep(Duration::from_millis(4000).saturating_sub(outage.elapsed())).await;
+
+    // Nothing crashed; after etcd returns, writes flow again and nobody
+    // was failed over: the outage was etcd's, not the proxies'.
+    sys.etcd.restart();
+    let back = Instant::now();
+    for svc in checkers.iter_mut().chain([&mut co, &mut sys.broker]) {
+        assert!(!svc.child.exited(), "{svc:?} died:\n{}", svc.log());
+    }
+    for p in &mut sys.proxies {
+        assert!(
+            !p.child.as_mut().unwrap().exited(),
+            "proxy {} died:\n{}",
+            p.id,
+            p.log()
+        );
+    }
+    eventually("writes accepted again", Duration::from_secs(20), || async {
+        (set("after").await == "+OK\r\n").then_some(())
+    })
+    .await;
+    let healed_in = back.elapsed();
+    eventually(
+        "a coordinator leader again",
+        Duration::from_secs(20),
+        || async { status(&co).await.is_leader.then_some(()) },
+    )
+    .await;
+    let (now, proxies) = get_cluster(&sys, "outage").await;
+    assert_eq!(now.epoch, epoch, "the outage changed the cluster: {now:?}");
+    assert!(
+        proxies
+            .iter()
+            .all(|p| p.state() == v1::ProxyState::Allocated),
+        "{proxies:?}"
+    );
+    eprintln!(
+        "writes fenced {fenced_in:?} into the outage, accepted again {healed_in:?} after etcd returned"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_with_both_proxies_down_loses_only_its_slots_and_comes_back() {
+    let mut sys = System::start(4);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("pair", 8, v1::ClusterConfig::default())
+        .await;
+    let (checkers, co) = control_plane(&sys).await;
+    let down: Vec<String> = cluster.chunks[1].proxy_ids.clone();
+    let key_in = |chunk_down: bool| {
+        (0..)
+            .map(|i| format!("pair-key-{i}"))
+            .find(|k| down.contains(&sys.key_master(&cluster, k.as_bytes()).0.id) == chunk_down)
+            .unwrap()
+    };
+    let (live_key, lost_key) = (key_in(false), key_in(true));
+    let set = |addr: String, key: String, value: &'static str| async move {
+        let cmd = format!("SET {key} {value}\r\n");
+        let reply =
+            redmesh_e2e::harness::raw_exchange(&addr, cmd.as_bytes()).expect("the proxy answers");
+        String::from_utf8_lossy(&reply).into_owned()
+    };
+    let live_owner = sys.key_master(&cluster, live_key.as_bytes()).0.resp.clone();
+    let lost_owner = sys.key_master(&cluster, lost_key.as_bytes()).0.resp.clone();
+    assert_eq!(
+        set(lost_owner.clone(), lost_key.clone(), "kept").await,
+        "+OK\r\n"
+    );
+
+    // Both proxies of the second chunk die; their Redis nodes keep the data.
+    for p in sys.proxies.iter_mut().filter(|p| down.contains(&p.id)) {
+        p.child.as_mut().unwrap().kill();
+    }
+    let st = eventually(
+        "the cluster reported degraded",
+        Duration::from_secs(20),
+        || async {
+            let st = status(&co).await;
+            st.degraded_clusters
+                .contains(&"pair".to_owned())
+                .then_some(st)
+        },
+    )
+    .await;
+    assert!(st.is_leader, "{st:?}");
+    // Operators see the same through redmeshctl.
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(redmesh_e2e::harness::bin_path("redmeshctl"))
+            .args(["--broker", &sys.broker.url(), "--coordinator", &co.url()])
+            .args(args)
+            .output()
+            .expect("redmeshctl runs");
+        assert!(out.status.success(), "redmeshctl {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = ctl(&["coordinator", "status"]);
+    assert!(text.contains("degraded    pair"), "{text}");
+    let text = ctl(&["coordinator", "events", "--cluster", "pair", "--no-follow"]);
+    assert!(
+        down.iter()
+            .any(|id| text.contains(&format!("failure_detected cluster=pair proxy={id}"))),
+        "{text}"
+    );
+    let report: serde_json::Value = serde_json::from_str(&ctl(&[
+        "--json",
+        "health",
+        "report",
+        "--checker",
+        &checkers[0].url(),
+        "--proxy",
+        &down[0],
+    ]))
+    .unwrap();
+    let resp = report["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["kind"] == "TARGET_KIND_PROXY_RESP")
+        .unwrap();
+    assert_eq!(resp["status"], "HEALTH_STATUS_DOWN", "{report}");
+    // The other chunk's slots keep taking writes; a plain client asking a
+    // live proxy for a lost slot gets CLUSTERDOWN, not a hang.
+    assert_eq!(set(live_owner, live_key.clone(), "still").await, "+OK\r\n");
+    let live_plain = sys
+        .proxies
+        .iter()
+        .find(|p| !down.contains(&p.id))
+        .unwrap()
+        .plain
+        .clone();
+    let reply = set(live_plain.clone(), lost_key.clone(), "lost").await;
+    assert!(reply.starts_with("-CLUSTERDOWN"), "{reply}");
+    let reply = set(live_plain.clone(), live_key.clone(), "plain").await;
+    assert_eq!(reply, "+OK\r\n");
+
+    // The proxies come back: the lost slots are served again with their
+    // data. (If the checkers saw one of the two die first, the coordinator
+    // had moved its masters to the other before that one died too; then
+    // that proxy is out of the cluster and the other serves both shards.)
+    let brokers = sys.broker.url();
+    for p in sys.proxies.iter_mut().filter(|p| down.contains(&p.id)) {
+        p.start(&brokers);
+    }
+    eventually(
+        "the lost key readable again",
+        Duration::from_secs(20),
+        || {
+            let plain = live_plain.clone();
+            let key = lost_key.clone();
+            async move {
+                let reply =
+                    redmesh_e2e::harness::raw_exchange(&plain, format!("GET {key}\r\n").as_bytes());
+                let reply = reply.ok()?;
+                (reply == b"$4\r\nkept\r\n").then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(set(live_plain, lost_key, "again").await, "+OK\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_that_never_synced_is_not_promoted_to_serve_an_empty_shard() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("guard", 4, v1::ClusterConfig::default())
+        .await;
+    let (_checkers, co) = control_plane(&sys).await;
+    let (master_proxy, master_node) = sys.key_master(&cluster, b"guarded");
+    let master_id = master_proxy.id.clone();
+    let reply =
+        redmesh_e2e::harness::raw_exchange(&master_proxy.resp, b"SET guarded v1\r\n").unwrap();
+    assert_eq!(reply, b"+OK\r\n");
+    let shard = cluster
+        .shards
+        .iter()
+        .find(|s| s.master.as_ref().unwrap().proxy_id == master_id)
+        .unwrap();
+    let r = &shard.replicas[0];
+    let partner = sys.proxy(&r.proxy_id);
+    let replica = &partner.redis[r.node_index as usize];
+    // The replica loses its data and its link, as if its first full sync
+    // had never finished when its master died.
+    let dead = redmesh_e2e::ports::free_port().to_string();
+    for cmd in [
+        vec!["REPLICAOF", "NO", "ONE"],
+        vec!["FLUSHALL"],
+        vec!["REPLICAOF", "127.0.0.1", dead.as_str()],
+    ] {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &replica.port.to_string()])
+            .args(&cmd)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+    }
+
+    // A forced failover moves the shard to that replica.
+    CoordinatorClient::connect(co.url())
+        .await
+        .unwrap()
+        .failover(v1::FailoverRequest {
+            cluster: "guard".into(),
+            proxy_id: master_id.clone(),
+            mode: v1::FailoverMode::Force as i32,
+            replace: false,
+        })
+        .await
+        .expect("forced failover");
+
+    // The partner refuses to serve the empty node: the shard is unavailable
+    // with a reason, not silently empty.
+    let text = eventually("the shard refused", Duration::from_secs(20), || async {
+        let reply = redmesh_e2e::harness::raw_exchange(&partner.resp, b"GET guarded\r\n").ok()?;
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        text.starts_with("-CLUSTERDOWN").then_some(text)
+    })
+    .await;
+    assert!(text.contains("never completed a sync"), "{text}");
+    let role = std::process::Command::new("redis-cli")
+        .args(["-p", &replica.port.to_string(), "ROLE"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&role.stdout).starts_with("slave"),
+        "the empty node was promoted: {role:?}"
+    );
+    // And the old master kept the data for the operator.
+    let reply = redmesh_e2e::harness::raw_exchange(&master_node.addr, b"GET guarded\r\n").unwrap();
+    assert_eq!(reply, b"$2\r\nv1\r\n");
 }

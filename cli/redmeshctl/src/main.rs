@@ -2,7 +2,7 @@
 //!
 //! Human tables by default, the API's canonical JSON with `--json`. Exit
 //! codes scripts can rely on: 0 success, 1 the server refused (the gRPC
-//! status is printed), 2 bad usage, 3 the broker is unreachable.
+//! status is printed), 2 bad usage, 3 the service is unreachable.
 
 use std::io::Read;
 use std::process::ExitCode;
@@ -11,7 +11,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
-use redmesh_api::v1::{self, broker_client::BrokerClient, topology_client::TopologyClient};
+use redmesh_api::v1::{
+    self, broker_client::BrokerClient, coordinator_client::CoordinatorClient,
+    health_checker_client::HealthCheckerClient, topology_client::TopologyClient,
+};
 use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]
@@ -29,6 +32,14 @@ struct Cli {
         default_value = "http://127.0.0.1:7400"
     )]
     broker: String,
+    /// Coordinator gRPC URL (any coordinator: a standby names the leader).
+    #[arg(
+        long,
+        global = true,
+        env = "REDMESH_COORDINATOR",
+        default_value = "http://127.0.0.1:7401"
+    )]
+    coordinator: String,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -47,6 +58,57 @@ enum Command {
     /// Observe topology streams.
     #[command(subcommand)]
     Topology(TopologyCmd),
+    /// Failover: leadership, degraded clusters, manual failover, decisions.
+    #[command(subcommand)]
+    Coordinator(CoordinatorCmd),
+    /// Ask a health-checker for its verdicts.
+    #[command(subcommand)]
+    Health(HealthCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum CoordinatorCmd {
+    /// Who leads, degraded clusters, free proxies, failovers in progress.
+    Status,
+    /// Move mastership away from a proxy (graceful switchover by default).
+    Failover {
+        /// Cluster name.
+        cluster: String,
+        /// Proxy whose masters move to its chunk partner.
+        proxy: String,
+        /// Promote at once without waiting for the replica to catch up
+        /// (may lose the writes it had not received).
+        #[arg(long)]
+        force: bool,
+        /// Also mark the proxy failed and replace it from the free pool.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Stream the coordinator's decisions (Ctrl-C to stop).
+    Events {
+        /// Only this cluster's events.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// First show this many recent events.
+        #[arg(long, default_value_t = 20)]
+        recent: u32,
+        /// Exit after the replayed events instead of waiting for new ones.
+        #[arg(long)]
+        no_follow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HealthCmd {
+    /// One checker's verdicts on every probed target.
+    Report {
+        /// Health-checker gRPC URL.
+        #[arg(long, env = "REDMESH_CHECKER", default_value = "http://127.0.0.1:7410")]
+        checker: String,
+        /// Only this proxy's targets.
+        #[arg(long)]
+        proxy: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -211,15 +273,19 @@ fn code_name(code: tonic::Code) -> String {
         .to_owned()
 }
 
-async fn channel(url: &str) -> anyhow::Result<Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .with_context(|| format!("invalid broker URL {url:?}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(30));
+/// Connects to `service` (named in errors) at `url`. `streaming` drops the
+/// per-request timeout, which would cut a watch short.
+async fn channel(service: &str, url: &str, streaming: bool) -> anyhow::Result<Channel> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("invalid {service} URL {url:?}"))?
+        .connect_timeout(Duration::from_secs(3));
+    if !streaming {
+        endpoint = endpoint.timeout(Duration::from_secs(30));
+    }
     endpoint
         .connect()
         .await
-        .map_err(|e| anyhow::Error::new(e).context(format!("cannot reach the broker at {url}")))
+        .map_err(|e| anyhow::Error::new(e).context(format!("cannot reach the {service} at {url}")))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -365,7 +431,13 @@ fn read_password() -> anyhow::Result<String> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let ch = channel(&cli.broker).await?;
+    match cli.command {
+        Command::Coordinator(cmd) => return coordinator(&cli.coordinator, cli.json, cmd).await,
+        Command::Health(cmd) => return health(cli.json, cmd).await,
+        _ => {}
+    }
+    let streaming = matches!(cli.command, Command::Topology(_));
+    let ch = channel("broker", &cli.broker, streaming).await?;
     let mut broker = BrokerClient::new(ch.clone());
     match cli.command {
         Command::Proxy(cmd) => match cmd {
@@ -604,6 +676,201 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Coordinator(_) | Command::Health(_) => unreachable!("dispatched above"),
     }
+    Ok(())
+}
+
+fn event_kind(raw: i32) -> String {
+    v1::CoordinatorEventKind::try_from(raw).map_or_else(
+        |_| format!("kind-{raw}"),
+        |k| {
+            k.as_str_name()
+                .trim_start_matches("COORDINATOR_EVENT_KIND_")
+                .to_lowercase()
+        },
+    )
+}
+
+fn print_event(ev: &v1::CoordinatorEvent) {
+    let time = ev
+        .time
+        .and_then(|t| {
+            let secs = u64::try_from(t.seconds).ok()?;
+            let at = std::time::UNIX_EPOCH + Duration::new(secs, u32::try_from(t.nanos).ok()?);
+            Some(humantime::format_rfc3339_millis(at).to_string())
+        })
+        .unwrap_or_default();
+    let mut line = format!("{time} {}", event_kind(ev.kind));
+    for (label, value) in [("cluster", &ev.cluster), ("proxy", &ev.proxy_id)] {
+        if !value.is_empty() {
+            line.push_str(&format!(" {label}={value}"));
+        }
+    }
+    if ev.epoch != 0 {
+        line.push_str(&format!(" epoch={}", ev.epoch));
+    }
+    if ev.duration_ms != 0 {
+        line.push_str(&format!(" took={}ms", ev.duration_ms));
+    }
+    if !ev.detail.is_empty() {
+        line.push_str(&format!(" — {}", ev.detail));
+    }
+    println!("{line}");
+}
+
+async fn coordinator(url: &str, json: bool, cmd: CoordinatorCmd) -> anyhow::Result<()> {
+    let streaming = matches!(cmd, CoordinatorCmd::Events { .. });
+    let mut client = CoordinatorClient::new(channel("coordinator", url, streaming).await?);
+    match cmd {
+        CoordinatorCmd::Status => {
+            let st = client
+                .get_status(v1::GetStatusRequest {})
+                .await?
+                .into_inner();
+            if json {
+                return print_json(&st);
+            }
+            let leader = if st.leader_id.is_empty() {
+                "none elected".to_owned()
+            } else {
+                st.leader_id.clone()
+            };
+            println!(
+                "coordinator {} ({})",
+                st.self_id,
+                if st.is_leader { "leader" } else { "standby" }
+            );
+            println!("leader      {leader}");
+            println!("free        {} proxies", st.free_proxies);
+            let degraded = if st.degraded_clusters.is_empty() {
+                "none".to_owned()
+            } else {
+                st.degraded_clusters.join(", ")
+            };
+            println!("degraded    {degraded}");
+            for ev in &st.in_progress {
+                print!("in progress ");
+                print_event(ev);
+            }
+        }
+        CoordinatorCmd::Failover {
+            cluster,
+            proxy,
+            force,
+            replace,
+        } => {
+            let resp = client
+                .failover(v1::FailoverRequest {
+                    cluster,
+                    proxy_id: proxy,
+                    mode: if force {
+                        v1::FailoverMode::Force
+                    } else {
+                        v1::FailoverMode::Switchover
+                    } as i32,
+                    replace,
+                })
+                .await?
+                .into_inner();
+            if json {
+                return print_json(&resp);
+            }
+            if let Some(ev) = &resp.event {
+                print_event(ev);
+            }
+        }
+        CoordinatorCmd::Events {
+            cluster,
+            recent,
+            no_follow,
+        } => {
+            let mut stream = client
+                .watch_events(v1::WatchEventsRequest {
+                    cluster: cluster.unwrap_or_default(),
+                    recent,
+                })
+                .await?
+                .into_inner();
+            let mut replayed = 0;
+            loop {
+                // The replay arrives at once; --no-follow stops when the
+                // stream goes quiet after it.
+                let next = if no_follow {
+                    if replayed >= recent {
+                        break;
+                    }
+                    match tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
+                        Ok(m) => m?,
+                        Err(_) => break,
+                    }
+                } else {
+                    stream.message().await?
+                };
+                let Some(msg) = next else { break };
+                replayed += 1;
+                let Some(ev) = msg.event else { continue };
+                if json {
+                    println!("{}", serde_json::to_string(&ev)?);
+                } else {
+                    print_event(&ev);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn health_name(raw: i32) -> &'static str {
+    match v1::HealthStatus::try_from(raw) {
+        Ok(v1::HealthStatus::Up) => "up",
+        Ok(v1::HealthStatus::Down) => "down",
+        _ => "unknown",
+    }
+}
+
+fn target_name(t: &v1::TargetHealth) -> String {
+    match v1::TargetKind::try_from(t.kind) {
+        Ok(v1::TargetKind::ProxyResp) => "resp".to_owned(),
+        Ok(v1::TargetKind::ProxyAdmin) => "admin".to_owned(),
+        Ok(v1::TargetKind::RedisNode) => format!("redis/{}", t.node_index),
+        _ => "?".to_owned(),
+    }
+}
+
+async fn health(json: bool, cmd: HealthCmd) -> anyhow::Result<()> {
+    let HealthCmd::Report { checker, proxy } = cmd;
+    let mut client = HealthCheckerClient::new(channel("health-checker", &checker, false).await?);
+    let report = client
+        .get_report(v1::GetReportRequest {
+            proxy_id: proxy.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    if json {
+        return print_json(&report);
+    }
+    println!("checker {}", report.checker_id);
+    let mut t = table(&[
+        "PROXY",
+        "TARGET",
+        "ADDRESS",
+        "STATUS",
+        "FAILURES",
+        "RTT",
+        "LAST ERROR",
+    ]);
+    for target in &report.targets {
+        t.add_row(vec![
+            target.proxy_id.clone(),
+            target_name(target),
+            target.address.clone(),
+            health_name(target.status).to_owned(),
+            target.consecutive_failures.to_string(),
+            format!("{} µs", target.last_rtt_us),
+            target.last_error.clone(),
+        ]);
+    }
+    println!("{t}");
     Ok(())
 }

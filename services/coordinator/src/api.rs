@@ -74,10 +74,13 @@ impl Coordinator for Api {
     ) -> Result<Response<v1::GetStatusResponse>, Status> {
         let leader = self.leader().await?;
         let snap = self.actor.repo.snapshot().await.map_err(meta_status)?;
+        let votes = Votes::read(&*self.actor.store, &self.actor.keys, self.actor.min_votes)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let degraded_clusters = snap
             .clusters
             .values()
-            .filter(|c| is_degraded(c, &snap))
+            .filter(|c| is_degraded(c, &snap, &votes))
             .map(|c| c.name.to_string())
             .collect();
         let in_progress = snap
@@ -235,7 +238,7 @@ impl Coordinator for Api {
         let stream = self
             .actor
             .events
-            .watch(cluster)
+            .watch(cluster, req.get_ref().recent.min(1000) as usize)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .map(|r| {

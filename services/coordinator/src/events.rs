@@ -86,16 +86,32 @@ impl EventLog {
         Ok(())
     }
 
-    /// Events recorded from now on, optionally of one cluster.
+    /// Up to `recent` of the latest recorded events (oldest first), then
+    /// the events recorded from then on; optionally of one cluster only.
+    /// The watch starts right after the listing's revision, so nothing falls
+    /// between the replay and the stream.
     pub async fn watch(
         &self,
         cluster: Option<String>,
+        recent: usize,
     ) -> Result<
         impl Stream<Item = Result<v1::CoordinatorEvent, StoreError>> + Send + 'static,
         StoreError,
     > {
-        let stream = self.store.watch(&self.keys.events(), 0).await?;
-        Ok(stream
+        let listing = self.store.list(&self.keys.events()).await?;
+        let wanted = |ev: &v1::CoordinatorEvent| cluster.as_ref().is_none_or(|c| c == &ev.cluster);
+        let mut past: Vec<v1::CoordinatorEvent> = listing
+            .kvs
+            .iter()
+            .filter_map(|kv| convert::decode::<v1::CoordinatorEvent>(&kv.key, &kv.value).ok())
+            .filter(|ev| wanted(ev))
+            .collect();
+        past.drain(..past.len().saturating_sub(recent));
+        let stream = self
+            .store
+            .watch(&self.keys.events(), listing.revision + 1)
+            .await?;
+        let live = stream
             .map(
                 move |batch| -> Vec<Result<v1::CoordinatorEvent, StoreError>> {
                     match batch {
@@ -113,6 +129,7 @@ impl EventLog {
                     }
                 },
             )
-            .flat_map(futures::stream::iter))
+            .flat_map(futures::stream::iter);
+        Ok(futures::stream::iter(past.into_iter().map(Ok)).chain(live))
     }
 }

@@ -212,7 +212,7 @@ impl Actor {
         let degraded = snap
             .clusters
             .values()
-            .filter(|c| is_degraded(c, &snap))
+            .filter(|c| is_degraded(c, &snap, &votes))
             .count();
         metrics::gauge!("redmesh_coordinator_degraded_clusters").set(degraded as f64);
         metrics::gauge!("redmesh_coordinator_free_proxies").set(
@@ -419,12 +419,16 @@ impl Actor {
     }
 }
 
-/// A cluster without full redundancy: a hole in a chunk, or a shard
-/// without a replica.
-pub fn is_degraded(cluster: &Cluster, snap: &Snapshot) -> bool {
+/// Whether `cluster` runs without full redundancy: a hole left by a failed
+/// proxy, a shard without replica, or a member a quorum of checkers sees
+/// down that could not be failed over (e.g. both proxies of a chunk).
+pub fn is_degraded(cluster: &Cluster, snap: &Snapshot, votes: &Votes) -> bool {
     !holes(cluster, |p| {
         allocated_to(snap.proxies.get(p), &cluster.name)
     })
     .is_empty()
         || cluster.shards.iter().any(|s| s.replicas.is_empty())
+        || cluster
+            .proxy_ids()
+            .any(|p| votes.failure(p, cluster).is_some())
 }
