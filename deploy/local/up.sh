@@ -99,7 +99,8 @@ redmesh is running (state, logs and pids in $STATE).
 
 Failover: three health-checkers (7410-7412) probe every proxy and the
 coordinator (7401) fails a dead proxy over to its partner, then replaces it
-with a free one (proxy-3/proxy-4 are free). Watch its decisions with
-  grpcurl -plaintext 127.0.0.1:7401 redmesh.v1.Coordinator/WatchEvents
+with a free one (proxy-3/proxy-4 are free). Watch it with
+  $BIN/redmeshctl coordinator status
+  $BIN/redmeshctl coordinator events
 The migrator runs as a placeholder (health and reflection only).
 MSG

@@ -60,7 +60,7 @@ bench_build() {
     say "building release binaries"
     (cd "$ROOT" && cargo build --release --bins --quiet)
   fi
-  for b in redmesh-broker redmesh-proxy redmeshctl; do
+  for b in redmesh-broker redmesh-proxy redmesh-health-checker redmesh-coordinator redmeshctl; do
     [ -x "$BIN/$b" ] || die "$BIN/$b is missing; build with: cargo build --release --bins"
   done
 }
@@ -198,30 +198,47 @@ bench_start_redis() {
 # some error replies, so the reply itself is checked).
 redis_ping() { [ "$(redis-cli -p "$1" ping 2>/dev/null)" = PONG ]; }
 
-# Ports of the started proxies, by proxy id.
-declare -A PROXY_RESP=() PROXY_ADMIN=() PROXY_REDIS=()
+# Ports of the started proxies, and the bench_spawn names of their current
+# processes (proxy, redis 0, redis 1), by proxy id.
+declare -A PROXY_RESP=() PROXY_ADMIN=() PROXY_REDIS=() PROXY_NAMES=()
+
+# bench_start_proxy ID HOST: a proxy with its two redis-server nodes, all on
+# free ports, registered on HOST (a failure domain name). Called again for an
+# ID whose processes were killed, it restarts them on the same ports (the
+# nodes empty, under new pidfile names) and registers the proxy again, which
+# returns a failed proxy to the free pool.
+BENCH_RESTARTS=0
+bench_start_proxy() {
+  local id=$1 host=$2 resp admin r1 r2 tag=""
+  if [ -n "${PROXY_RESP[$id]:-}" ]; then
+    resp=${PROXY_RESP[$id]} admin=${PROXY_ADMIN[$id]}
+    read -r r1 r2 <<<"${PROXY_REDIS[$id]}"
+    BENCH_RESTARTS=$((BENCH_RESTARTS + 1))
+    tag="-r$BENCH_RESTARTS"
+  else
+    bench_free_ports 4
+    read -r resp admin r1 r2 <<<"${FREE_PORTS[*]}"
+  fi
+  PROXY_NAMES[$id]="proxy-$id$tag redis-$id-0$tag redis-$id-1$tag"
+  bench_start_redis "redis-$id-0$tag" "$r1"
+  bench_start_redis "redis-$id-1$tag" "$r2"
+  wait_for "redis $r1" 20 redis_ping "$r1"
+  wait_for "redis $r2" 20 redis_ping "$r2"
+  bench_spawn "proxy-$id$tag" "$BIN/redmesh-proxy" --id "$id" --listen "127.0.0.1:$resp" \
+    --admin-listen "127.0.0.1:$admin" --broker "$BROKER_URL"
+  wait_for "proxy $id" 20 redis_ping "$resp"
+  ctl proxy register --id "$id" --resp "127.0.0.1:$resp" --admin "127.0.0.1:$admin" \
+    --host "$host" --redis "127.0.0.1:$r1,127.0.0.1:$r2" >/dev/null
+  PROXY_RESP[$id]=$resp
+  PROXY_ADMIN[$id]=$admin
+  PROXY_REDIS[$id]="$r1 $r2"
+}
 
 # bench_start_chunk ID_A ID_B: one chunk: two proxies registered on hosts
 # host-a and host-b, each with two redis-server nodes, all on free ports.
 bench_start_chunk() {
-  local ids=("$1" "$2") host=(host-a host-b) i id resp admin r1 r2
-  for i in 0 1; do
-    id=${ids[$i]}
-    bench_free_ports 4
-    read -r resp admin r1 r2 <<<"${FREE_PORTS[*]}"
-    bench_start_redis "redis-$id-0" "$r1"
-    bench_start_redis "redis-$id-1" "$r2"
-    wait_for "redis $r1" 20 redis_ping "$r1"
-    wait_for "redis $r2" 20 redis_ping "$r2"
-    bench_spawn "proxy-$id" "$BIN/redmesh-proxy" --id "$id" --listen "127.0.0.1:$resp" \
-      --admin-listen "127.0.0.1:$admin" --broker "$BROKER_URL"
-    wait_for "proxy $id" 20 redis_ping "$resp"
-    ctl proxy register --id "$id" --resp "127.0.0.1:$resp" --admin "127.0.0.1:$admin" \
-      --host "${host[$i]}" --redis "127.0.0.1:$r1,127.0.0.1:$r2" >/dev/null
-    PROXY_RESP[$id]=$resp
-    PROXY_ADMIN[$id]=$admin
-    PROXY_REDIS[$id]="$r1 $r2"
-  done
+  bench_start_proxy "$1" host-a
+  bench_start_proxy "$2" host-b
 }
 
 # cluster_ok PORT: the proxy at PORT reports cluster_state:ok.

@@ -18,11 +18,15 @@ usage: ./tests/bench/run.sh <scenario>
 scenarios:
   proxy   throughput and latency through a proxy vs. the same Redis node
           directly (redis-benchmark: SET, GET, MSET, LPUSH; -P 1 and -P 16)
+  failover  time from kill -9 of a master to the first successful write to
+          its slots, redmesh vs. the official Redis Cluster (node-timeout
+          1000 and the default 15000); several minutes
 
 environment:
   REDMESH_BENCH_BUILD=0     do not run `cargo build --release --bins` first
   REDMESH_BENCH_SECONDS=S   target length of one measured run (default 2.5)
   REDMESH_BENCH_REPS=K      measured pairs per row, median reported (default 3)
+  REDMESH_BENCH_KILLS=N     kills per system in the failover scenario (default 5)
   REDMESH_BENCH_KEEP=1      keep the run's state and logs directory
 USAGE
   exit 2
