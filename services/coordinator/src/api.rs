@@ -99,10 +99,18 @@ impl Coordinator for Api {
                 ev
             })
             .collect();
+        // Leadership may have been won since the election was read: the
+        // answer must not say "leader" and name nobody (or someone else).
+        let is_leader = self.leadership.borrow().is_some();
+        let leader_id = if is_leader {
+            self.self_id.clone()
+        } else {
+            leader.map(|c| c.id).unwrap_or_default()
+        };
         Ok(Response::new(v1::GetStatusResponse {
             self_id: self.self_id.clone(),
-            is_leader: self.leadership.borrow().is_some(),
-            leader_id: leader.map(|c| c.id).unwrap_or_default(),
+            is_leader,
+            leader_id,
             degraded_clusters,
             free_proxies: snap
                 .proxies
