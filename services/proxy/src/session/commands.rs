@@ -57,6 +57,7 @@ const SUBSCRIBE_CONTEXT: &[&str] = &[
     "reset",
 ];
 
+/// Decides what to do with one request. `idle`: no reply is pending.
 pub(super) fn dispatch(
     shared: &Shared,
     table: &Arc<RouteTable>,

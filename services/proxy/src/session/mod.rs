@@ -314,7 +314,7 @@ pub async fn serve(
                 },
             };
             let table = shared.table.borrow().clone();
-            match dispatch(&shared, &table, &mut s, &req, queue.is_empty()) {
+            match commands::dispatch(&shared, &table, &mut s, &req, queue.is_empty()) {
                 Dispatch::Reply(pending) => {
                     // Stateful work runs only at the front of the queue, so
                     // later requests must wait for it, or they would reach
@@ -397,15 +397,4 @@ async fn await_reply_mut(rx: &mut ReplyRx, proto: Protocol) -> Bytes {
         Ok(r) => reply_bytes(r, proto),
         Err(_) => lost_reply(proto),
     }
-}
-
-/// Decides what to do with one request. `idle`: no reply is pending.
-fn dispatch(
-    shared: &Shared,
-    table: &Arc<RouteTable>,
-    s: &mut Session,
-    req: &Request,
-    idle: bool,
-) -> Dispatch {
-    commands::dispatch(shared, table, s, req, idle)
 }
