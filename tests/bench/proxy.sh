@@ -40,6 +40,7 @@ say "machine: $(nproc) CPUs ($cpu_model), $(redis-server --version | grep -o 'v=
 # binary's build time.)
 echo "    commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown), proxy binary built $(date -u -r "$BIN/redmesh-proxy" '+%H:%M UTC'), run $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "    state and logs in $BENCH_DIR"
+echo "    proxy runtime threads: ${REDMESH_PROXY_THREADS:-one per CPU} (REDMESH_PROXY_THREADS)"
 if [ "$(nproc)" -le 2 ]; then
   echo "    note: with $(nproc) CPUs, redis-benchmark, redis-server and the proxy compete for CPU;"
   echo "          the proxy runs add a process that the direct runs do not have."
@@ -241,9 +242,12 @@ for cmd, pipe in order:
     print("%-6s %3d %10.0f %10.0f %6.2f %11s %s %5s" % (
         cmd, pipe, st.median(x["rps"] for x in d), st.median(x["rps"] for x in p), ratio,
         "(%.2f-%.2f)" % (min(ratios), max(ratios)), lat, "yes" if ok else "NO"))
+    # CPU time per request (us): process CPU (% of a core) / requests per second.
+    per_req = lambda runs, f: st.median(x[f] / 100 / x["rps"] * 1e6 for x in runs)
     cpu_rows.append((cmd, pipe, st.median(x["mcpu"] for x in d), st.median(x["busy"] for x in d),
                      st.median(x["pcpu"] for x in p), st.median(x["mcpu"] for x in p),
-                     st.median(x["busy"] for x in p)))
+                     st.median(x["busy"] for x in p),
+                     per_req(d, "mcpu"), per_req(p, "pcpu"), per_req(p, "mcpu")))
 
 print()
 print("goals: -P 16 rows: proxy throughput >= 0.90 x direct; -P 1 rows: p99 overhead <= 100 us")
@@ -253,8 +257,15 @@ print("CPU during the runs (medians; process CPU in %% of one core, machine busy
       % __import__("os").cpu_count())
 print("%-6s %3s | %-16s | %-26s" % ("", "", "direct runs", "proxy runs"))
 print("%-6s %3s | %7s %8s | %7s %7s %8s" % ("cmd", "-P", "redis M", "machine", "proxy", "redis M", "machine"))
-for cmd, pipe, dm, db, pp, pm, pb in cpu_rows:
+for cmd, pipe, dm, db, pp, pm, pb, *_ in cpu_rows:
     print("%-6s %3d | %6.0f%% %7.0f%% | %6.0f%% %6.0f%% %7.0f%%" % (cmd, pipe, dm, db, pp, pm, pb))
+print()
+# Less sensitive to a crowded machine than the ratios above: what one request
+# costs the proxy, next to what it costs Redis itself.
+print("CPU time per request (medians, us): the proxy's cost next to Redis's own")
+print("%-6s %3s | %12s | %7s %12s | %s" % ("cmd", "-P", "redis direct", "proxy", "redis via A", "proxy / redis direct"))
+for cmd, pipe, *_, rd, px, rp in cpu_rows:
+    print("%-6s %3d | %12.2f | %7.2f %12.2f | %.2f" % (cmd, pipe, rd, px, rp, px / rd))
 PY
 
 bench_check_alive

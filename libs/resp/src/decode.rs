@@ -146,7 +146,6 @@ enum ReqState {
     MultiBulk {
         count: usize,
         pos: usize,
-        args: Vec<(usize, usize)>,
     },
 }
 
@@ -155,6 +154,9 @@ enum ReqState {
 pub struct RequestDecoder {
     limits: Limits,
     state: ReqState,
+    /// Argument ranges of the request being read; kept between requests so
+    /// decoding allocates only the request's own argument list.
+    ranges: Vec<(usize, usize)>,
 }
 
 impl RequestDecoder {
@@ -163,6 +165,7 @@ impl RequestDecoder {
         Self {
             limits,
             state: ReqState::Idle,
+            ranges: Vec::new(),
         }
     }
 
@@ -197,10 +200,14 @@ impl RequestDecoder {
                 self.state = ReqState::MultiBulk {
                     count: count as usize,
                     pos: eol + 2,
-                    args: Vec::with_capacity((count as usize).min(64)),
                 };
+                self.ranges.clear();
+                // Capacity is kept between requests, but a huge one's is
+                // given back.
+                self.ranges.shrink_to(64);
             }
-            let ReqState::MultiBulk { count, pos, args } = &mut self.state else {
+            let args = &mut self.ranges;
+            let ReqState::MultiBulk { count, pos } = &mut self.state else {
                 continue; // Idle was handled above; loop back defensively.
             };
             while args.len() < *count {
@@ -237,10 +244,10 @@ impl RequestDecoder {
                 args.push((start, end));
                 *pos = end + 2;
             }
-            let (pos, ranges) = (*pos, std::mem::take(args));
+            let pos = *pos;
             self.state = ReqState::Idle;
             let raw = buf.split_to(pos).freeze();
-            let args = ranges.into_iter().map(|(s, e)| raw.slice(s..e)).collect();
+            let args = args.iter().map(|&(s, e)| raw.slice(s..e)).collect();
             return Ok(Some(Request { raw, args }));
         }
     }

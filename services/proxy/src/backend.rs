@@ -259,7 +259,7 @@ async fn run_connection(
     reply_timeout: Duration,
 ) -> Option<Cmd> {
     let (rd, mut wr) = stream.into_split();
-    let (inflight_tx, inflight_rx) = mpsc::unbounded_channel::<ReplyTx>();
+    let (inflight_tx, inflight_rx) = mpsc::unbounded_channel::<Vec<ReplyTx>>();
     let mut reader = tokio::spawn(read_replies(
         addr.to_owned(),
         rd,
@@ -283,27 +283,29 @@ async fn run_connection(
                 },
             },
         };
-        // Batch everything already queued into one write.
-        let mut batch = vec![cmd];
-        let mut size = batch[0].raw.len();
-        while size < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(c) => {
-                    size += c.raw.len();
-                    batch.push(c);
-                }
-                Err(_) => break,
+        // Let the other runnable sessions queue their requests first, so
+        // one write carries many clients' pipelines (cheap when none are).
+        tokio::task::yield_now().await;
+        // Batch everything already queued into one write; the reader gets
+        // the batch's reply slots in one message.
+        buf.clear();
+        let mut slots = Vec::new();
+        let mut next = Some(cmd);
+        while let Some(c) = next.take() {
+            buf.extend_from_slice(&c.raw);
+            slots.push(c.reply);
+            if buf.len() < MAX_BATCH_BYTES {
+                next = rx.try_recv().ok();
             }
         }
-        buf.clear();
-        for c in batch {
-            buf.extend_from_slice(&c.raw);
-            if let Err(mpsc::error::SendError(reply)) = inflight_tx.send(c.reply) {
-                // Reader gone: this one was not written yet.
+        if let Err(mpsc::error::SendError(slots)) = inflight_tx.send(slots) {
+            // Reader gone: the connection is dead and these were not written.
+            for reply in slots {
                 let _ = reply.send(Err(BackendError::Lost {
                     addr: addr.to_owned(),
                 }));
             }
+            return None;
         }
         if let Err(e) = wr.write_all(&buf).await {
             tracing::warn!(%addr, error = %e, "write to Redis node failed");
@@ -318,36 +320,43 @@ async fn run_connection(
 async fn read_replies(
     addr: String,
     mut rd: tokio::net::tcp::OwnedReadHalf,
-    mut inflight: mpsc::UnboundedReceiver<ReplyTx>,
+    mut inflight: mpsc::UnboundedReceiver<Vec<ReplyTx>>,
     reply_timeout: Duration,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut decoder = ReplyDecoder::new(Limits::default());
+    // Reply slots of written requests, oldest first. Dropped slots (when
+    // this task ends) tell their sessions the reply was lost.
+    let mut waiting: std::collections::VecDeque<ReplyTx> = Default::default();
     loop {
-        // While idle, keep reading too: a server that closes an idle
-        // connection is noticed now, so the next request is never written to
-        // a dead socket (it gets a retriable `Unavailable` instead of an
-        // unknown outcome).
-        let reply = tokio::select! {
-            biased;
-            next = inflight.recv() => match next {
-                Some(r) => r,
-                None => return,
-            },
-            read = rd.read_buf(&mut buf) => match read {
-                Ok(n) if n > 0 => match inflight.try_recv() {
-                    // The reply raced ahead of our wake-up; it is in `buf`.
-                    Ok(r) => r,
-                    Err(_) => {
-                        tracing::error!(%addr, "Redis node sent data nobody asked for; resetting the connection");
+        let Some(reply) = waiting.pop_front() else {
+            // While idle, keep reading too: a server that closes an idle
+            // connection is noticed now, so the next request is never
+            // written to a dead socket (it gets a retriable `Unavailable`
+            // instead of an unknown outcome).
+            let batch = tokio::select! {
+                biased;
+                next = inflight.recv() => match next {
+                    Some(b) => b,
+                    None => return,
+                },
+                read = rd.read_buf(&mut buf) => match read {
+                    Ok(n) if n > 0 => match inflight.try_recv() {
+                        // The reply raced ahead of our wake-up; it is in `buf`.
+                        Ok(b) => b,
+                        Err(_) => {
+                            tracing::error!(%addr, "Redis node sent data nobody asked for; resetting the connection");
+                            return;
+                        }
+                    },
+                    _ => {
+                        tracing::debug!(%addr, "idle connection to Redis node closed");
                         return;
                     }
                 },
-                _ => {
-                    tracing::debug!(%addr, "idle connection to Redis node closed");
-                    return;
-                }
-            },
+            };
+            waiting.extend(batch);
+            continue;
         };
         let frame = loop {
             match decoder.scan(&buf) {
@@ -381,8 +390,8 @@ async fn read_replies(
         let failed = frame.is_err();
         let _ = reply.send(frame);
         if failed {
-            // The remaining in-flight requests are failed (Lost) when
-            // `inflight` is dropped here.
+            // The remaining in-flight requests are failed (lost) when
+            // `waiting` and `inflight` are dropped here.
             return;
         }
     }

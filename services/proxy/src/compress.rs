@@ -7,6 +7,8 @@
 //! (APPEND, GETRANGE, STRLEN, SETRANGE, bit operations…) are refused while
 //! compression is on, rather than return wrong answers.
 
+use std::borrow::Cow;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use redmesh_model::Compression;
 use redmesh_resp::{parse_frame, Frame, Protocol, Request};
@@ -125,9 +127,9 @@ pub fn decode(value: &Bytes) -> Result<Bytes, String> {
 
 /// The request to send: with large values compressed when the cluster
 /// compresses, else the request itself.
-pub fn request(c: &Serving, top: &str, req: &Request) -> Request {
+pub fn request<'a>(c: &Serving, top: &str, req: &'a Request) -> Cow<'a, Request> {
     if c.compression == Compression::None {
-        return req.clone();
+        return Cow::Borrowed(req);
     }
     let positions = value_positions(top, req.args().len());
     let mut args: Option<Vec<Bytes>> = None;
@@ -137,8 +139,8 @@ pub fn request(c: &Serving, top: &str, req: &Request) -> Request {
         }
     }
     match args {
-        Some(a) => Request::from_args(&a),
-        None => req.clone(),
+        Some(a) => Cow::Owned(Request::from_args(&a)),
+        None => Cow::Borrowed(req),
     }
 }
 

@@ -83,6 +83,11 @@ pub struct Config {
     /// writing before its replacement starts (DESIGN.md §5).
     #[arg(long, env = "REDMESH_PROXY_FENCE_AFTER", default_value = "750ms", value_parser = humantime::parse_duration)]
     pub fence_after: Duration,
+    /// Runtime worker threads; 0 means one per CPU. A proxy sharing a small
+    /// host with its two redis-server nodes serves more with fewer threads
+    /// (fewer cross-thread wake-ups; see docs/PERFORMANCE.md).
+    #[arg(long, env = "REDMESH_PROXY_THREADS", default_value_t = 0)]
+    pub threads: usize,
     /// Logging and metrics.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,

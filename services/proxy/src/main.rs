@@ -1,9 +1,19 @@
 //! redmesh-proxy binary: parse configuration, run until SIGTERM.
+use anyhow::Context;
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = redmesh_proxy::Config::parse();
-    config.telemetry.init("proxy")?;
-    redmesh_proxy::run(config, redmesh_runtime::shutdown_on_signals()).await
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.threads > 0 {
+        runtime.worker_threads(config.threads);
+    }
+    runtime
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(async {
+            config.telemetry.init("proxy")?;
+            redmesh_proxy::run(config, redmesh_runtime::shutdown_on_signals()).await
+        })
 }

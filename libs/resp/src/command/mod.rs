@@ -221,6 +221,16 @@ pub struct CommandInfo {
 }
 
 impl CommandInfo {
+    /// The top-level name (`object|encoding` → `object`). Runs several
+    /// times per request, so a plain byte scan rather than `str::split`.
+    pub fn top_name(&self) -> &'static str {
+        let name: &'static str = self.name;
+        match name.bytes().position(|b| b == b'|') {
+            Some(i) => &name[..i],
+            None => name,
+        }
+    }
+
     /// Has the "write" flag.
     pub fn is_write(&self) -> bool {
         self.has(flags::WRITE)
@@ -771,6 +781,8 @@ mod tests {
         assert_eq!(cmd("config GET").name, "config|get");
         assert_eq!(cmd("xinfo stream").name, "xinfo|stream");
         assert_eq!(cmd("command getkeys").name, "command|getkeys");
+        assert_eq!(cmd("OBJECT encoding").top_name(), "object");
+        assert_eq!(cmd("get").top_name(), "get");
         // Not a subcommand, or none given: the container itself.
         let object = cmd("object nosuch");
         assert_eq!(object.name, "object");

@@ -22,7 +22,7 @@ pub(super) fn lower(b: &[u8]) -> String {
 
 /// The command's top-level name (`object|encoding` → `object`).
 pub(super) fn top_name(cmd: &CommandInfo) -> &'static str {
-    cmd.name.split('|').next().unwrap_or(cmd.name)
+    cmd.top_name()
 }
 
 /// Redis's reply to an unknown command.
@@ -99,7 +99,12 @@ pub(super) fn dispatch(
     {
         return tx::queue(table, s, cmd, req);
     }
-    s.fenced = shared.fenced();
+    // Asked once per round of buffered requests, not per request: it reads
+    // the clock, and a round takes microseconds.
+    if !s.fence_checked {
+        s.fenced = shared.fenced();
+        s.fence_checked = true;
+    }
     // ASKING applies to the very next command only.
     let asking = std::mem::take(&mut s.asking);
     match top {

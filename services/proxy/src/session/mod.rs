@@ -159,6 +159,8 @@ pub(crate) struct Session {
     pub last_command: &'static str,
     /// Set per request: why writes are refused (fencing), if they are.
     pub fenced: Option<String>,
+    /// `fenced` is current for this round of dispatching.
+    pub fence_checked: bool,
 }
 
 impl Session {
@@ -248,6 +250,7 @@ pub async fn serve(
         subs: pubsub::Subscriptions::new(push_tx),
         last_command: "",
         fenced: None,
+        fence_checked: false,
     };
     let mut decoder = RequestDecoder::new(shared.limits);
     let mut inbuf = BytesMut::with_capacity(16 * 1024);
@@ -295,6 +298,7 @@ pub async fn serve(
         }
         // Dispatch what is buffered, as far as holds allow.
         let mut progressed = false;
+        s.fence_checked = false;
         while !s.hold && !s.closing && queue.len() < MAX_PENDING {
             let req = match stalled.take() {
                 Some(r) => r,

@@ -129,7 +129,7 @@ pub(super) fn queue(
         return ready(reply, s);
     }
     let req = compress::request(c, top, req);
-    s.tx.queued.push(req);
+    s.tx.queued.push(req.into_owned());
     ready(Frame::simple("QUEUED"), s)
 }
 
