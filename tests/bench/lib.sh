@@ -225,7 +225,8 @@ bench_start_proxy() {
   wait_for "redis $r1" 20 redis_ping "$r1"
   wait_for "redis $r2" 20 redis_ping "$r2"
   bench_spawn "proxy-$id$tag" "$BIN/redmesh-proxy" --id "$id" --listen "127.0.0.1:$resp" \
-    --admin-listen "127.0.0.1:$admin" --broker "$BROKER_URL"
+    --admin-listen "127.0.0.1:$admin" --broker "$BROKER_URL" \
+    --threads "${REDMESH_BENCH_PROXY_THREADS:-0}"
   wait_for "proxy $id" 20 redis_ping "$resp"
   ctl proxy register --id "$id" --resp "127.0.0.1:$resp" --admin "127.0.0.1:$admin" \
     --host "$host" --redis "127.0.0.1:$r1,127.0.0.1:$r2" >/dev/null

@@ -40,7 +40,7 @@ say "machine: $(nproc) CPUs ($cpu_model), $(redis-server --version | grep -o 'v=
 # binary's build time.)
 echo "    commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown), proxy binary built $(date -u -r "$BIN/redmesh-proxy" '+%H:%M UTC'), run $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "    state and logs in $BENCH_DIR"
-echo "    proxy runtime threads: ${REDMESH_PROXY_THREADS:-one per CPU} (REDMESH_PROXY_THREADS)"
+echo "    proxy runtime threads: ${REDMESH_BENCH_PROXY_THREADS:-0} (0: one per CPU; REDMESH_BENCH_PROXY_THREADS)"
 if [ "$(nproc)" -le 2 ]; then
   echo "    note: with $(nproc) CPUs, redis-benchmark, redis-server and the proxy compete for CPU;"
   echo "          the proxy runs add a process that the direct runs do not have."

@@ -27,6 +27,7 @@ environment:
   REDMESH_BENCH_SECONDS=S   target length of one measured run (default 2.5)
   REDMESH_BENCH_REPS=K      measured pairs per row, median reported (default 3)
   REDMESH_BENCH_KILLS=N     kills per system in the failover scenario (default 5)
+  REDMESH_BENCH_PROXY_THREADS=T  proxy runtime worker threads (default 0: one per CPU)
   REDMESH_BENCH_KEEP=1      keep the run's state and logs directory
 USAGE
   exit 2
