@@ -7,7 +7,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/../deploy/local/lib.sh"
 cd "$ROOT"
 
 ensure_packages redis-server:redis-server redis-cli:redis-tools etcd:etcd-server \
-  etcdctl:etcd-client protoc:protobuf-compiler python3:python3
+  etcdctl:etcd-client protoc:protobuf-compiler python3:python3 \
+  prometheus:prometheus promtool:prometheus
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs) first"
 
 # Client libraries the e2e tests drive, pinned, in a venv under target/.
@@ -28,6 +29,12 @@ cargo fmt --all -- --check
 
 say "clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+say "checking the Prometheus configuration and alert rules"
+(cd observability/prometheus &&
+  promtool check config prometheus.yml >/dev/null &&
+  promtool check rules alerts.yml >/dev/null &&
+  promtool test rules alerts_test.yml)
 
 say "building binaries and tests"
 cargo build --workspace --bins --tests --quiet

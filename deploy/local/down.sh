@@ -28,7 +28,7 @@ stop_one() {
 
 if compgen -G "$PIDS/*.pid" >/dev/null; then
   # Clients' entry points first, storage last.
-  for pattern in 'proxy-*' broker coordinator 'health-checker-*' migrator 'redis-*' etcd; do
+  for pattern in 'proxy-*' broker coordinator 'health-checker-*' migrator prometheus 'redis-*' etcd; do
     for f in "$PIDS"/$pattern.pid; do
       [ -e "$f" ] && stop_one "$f"
     done

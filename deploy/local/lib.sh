@@ -37,7 +37,9 @@ install_packages() {
       case "$pkg" in
         etcd-server) systemctl disable --now etcd >/dev/null 2>&1 || true ;;
         redis-server) systemctl disable --now redis-server >/dev/null 2>&1 || true ;;
-        prometheus) systemctl disable --now prometheus >/dev/null 2>&1 || true ;;
+        prometheus)
+          systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+          ;;
       esac
     done
   fi

@@ -85,6 +85,20 @@ d = json.load(sys.stdin)
 print(d["proxies"][0]["spec"]["respAddress"].rsplit(":", 1)[1])')
 wait_for "cluster demo" 20 sh -c "redis-cli -p $entry cluster info | grep -q cluster_state:ok"
 
+# Prometheus, when installed (Debian package prometheus), scrapes every
+# service with the repository's config and alert rules.
+prom_line="  Prometheus:     not installed (apt install prometheus, then run up.sh again)"
+if command -v prometheus >/dev/null 2>&1; then
+  if port_open 9090 && ! is_running prometheus; then
+    prom_line="  Prometheus:     port 9090 is taken by another program; not started"
+  else
+    start prometheus prometheus --config.file="$ROOT/observability/prometheus/prometheus.yml" \
+      --storage.tsdb.path="$STATE/prometheus" --web.listen-address=127.0.0.1:9090
+    wait_for prometheus 30 port_open 9090
+    prom_line="  Prometheus:     http://127.0.0.1:9090 (alerts: /alerts; dashboards for Grafana in observability/grafana)"
+  fi
+fi
+
 ctl cluster get demo
 cat <<MSG
 
@@ -94,7 +108,9 @@ redmesh is running (state, logs and pids in $STATE).
   Cluster view:   redis-cli -p $entry cluster nodes
   Manage:         $BIN/redmeshctl --help        (broker at 127.0.0.1:7400)
   gRPC:           grpc 127.0.0.1:7400 (reflection enabled; see README for buf curl)
-  Metrics:        http://127.0.0.1:9400/metrics (broker), :9431-9434 (proxies)
+  Metrics:        http://127.0.0.1:9400/metrics (broker), :9401 (coordinator), :9410-9412
+                  (health-checkers), :9420 (migrator), :9431-9434 (proxies)
+$prom_line
   Stop:           ./deploy/local/down.sh
 
 Failover: three health-checkers (7410-7412) probe every proxy and the

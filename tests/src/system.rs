@@ -16,6 +16,8 @@ use crate::{free_port, Child, Etcd, Redis};
 pub struct Service {
     /// gRPC address `127.0.0.1:PORT`.
     pub addr: String,
+    /// Prometheus `/metrics` address `127.0.0.1:PORT`.
+    pub metrics: String,
     /// Process.
     pub child: Child,
     binary: String,
@@ -31,18 +33,23 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
-    /// Starts `binary` with `args` plus `--listen <free port>` and waits
-    /// until its gRPC health check answers SERVING.
+    /// Starts `binary` with `args` plus `--listen <free port>` and
+    /// `--metrics-listen <free port>`, and waits until its gRPC health
+    /// check answers SERVING.
     pub fn start(binary: &str, listen_flag: &str, args: &[String]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr = format!("127.0.0.1:{}", free_port());
-        let child = Self::spawn(binary, listen_flag, &addr, args, &dir);
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut args = args.to_vec();
+        args.extend(["--metrics-listen".to_owned(), metrics.clone()]);
+        let child = Self::spawn(binary, listen_flag, &addr, &args, &dir);
         let mut svc = Self {
             addr,
+            metrics,
             child,
             binary: binary.to_owned(),
             listen_flag: listen_flag.to_owned(),
-            args: args.to_vec(),
+            args,
             dir,
         };
         svc.wait_serving();
@@ -152,6 +159,8 @@ pub struct ProxyNode {
     pub plain: String,
     /// Admin gRPC address.
     pub admin: String,
+    /// Prometheus `/metrics` address.
+    pub metrics: String,
     /// Its Redis nodes.
     pub redis: [Redis; 2],
     /// The proxy process (None while stopped).
@@ -184,6 +193,8 @@ impl ProxyNode {
             &self.admin,
             "--broker",
             brokers,
+            "--metrics-listen",
+            &self.metrics,
             // Tests run many processes on few cores; a keepalive held up by
             // load must not fence writes in tests that are not about fencing.
             "--fence-after",
@@ -277,6 +288,7 @@ impl System {
                 resp: format!("127.0.0.1:{}", free_port()),
                 plain: format!("127.0.0.1:{}", free_port()),
                 admin: format!("127.0.0.1:{}", free_port()),
+                metrics: format!("127.0.0.1:{}", free_port()),
                 redis: [Redis::start(), Redis::start()],
                 child: None,
                 log: dir.path().join("proxy.log"),

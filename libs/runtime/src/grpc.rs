@@ -114,6 +114,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .layer(crate::grpc_metrics::GrpcMetricsLayer)
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, drain)
         .await?;

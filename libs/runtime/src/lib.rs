@@ -8,6 +8,7 @@
 pub mod args;
 pub mod backoff;
 pub mod grpc;
+pub mod grpc_metrics;
 pub mod shutdown;
 
 pub use args::{EtcdArgs, TelemetryArgs};

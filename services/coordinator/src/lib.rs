@@ -72,6 +72,17 @@ pub struct Config {
     pub telemetry: TelemetryArgs,
 }
 
+/// Exports every event counter and the leader gauge from the start, at
+/// zero: `increase()` and alert rules then see the first failover too, and
+/// dashboards show 0 rather than "no data".
+fn zero_metrics() {
+    for kind in (1..).map_while(|k| v1::CoordinatorEventKind::try_from(k).ok()) {
+        metrics::counter!("redmesh_coordinator_events_total", "kind" => kind.as_str_name())
+            .increment(0);
+    }
+    metrics::gauge!("redmesh_coordinator_leader").set(0.0);
+}
+
 /// Serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let self_id = config.id.clone().unwrap_or_else(|| {
@@ -84,6 +95,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.lease_ttl >= Duration::from_secs(1),
         "--lease-ttl must be at least 1s (etcd leases count whole seconds)"
     );
+    zero_metrics();
     let store = config.etcd.connect().await.context("connecting to etcd")?;
     let keys = config.etcd.keys();
     let listener = grpc::bind(&config.listen).await?;

@@ -361,8 +361,13 @@ impl routing::Links for LinkPool {
     }
 }
 
-/// Exports how old the topology is, every second.
+/// Exports how old the topology is, every second. Error counters are
+/// exported at zero from the start, so `rate()` and alerts see the first one.
 async fn report_freshness(feed: topology::TopologyFeed, shutdown: CancellationToken) {
+    for kind in ["connect", "write", "timeout"] {
+        metrics::counter!("redmesh_proxy_backend_errors_total", "kind" => kind).increment(0);
+    }
+    metrics::counter!("redmesh_proxy_replica_ack_failures_total").increment(0);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

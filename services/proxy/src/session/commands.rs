@@ -71,11 +71,11 @@ pub(super) fn dispatch(
         s.tx.fail_if_queuing();
         return ready(unknown_command(req), s);
     };
+    s.last_command = cmd.top_name();
     if !cmd.arity_ok(args.len()) {
         s.tx.fail_if_queuing();
         return ready(wrong_arity(cmd), s);
     }
-    s.last_command = cmd.name;
     let serving = table.serving.as_ref().ok();
     let needs_auth = serving.is_some_and(|c| c.password_sha256.is_some());
     if needs_auth && !s.authenticated && !cmd.has(flags::NO_AUTH) {

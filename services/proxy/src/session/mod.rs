@@ -35,6 +35,7 @@ use crate::routing::{RouteTable, Serving};
 mod commands;
 mod pubsub;
 mod route;
+mod tally;
 mod tx;
 
 /// Most replies pending per client before the proxy stops reading from it.
@@ -156,6 +157,8 @@ pub(crate) struct Session {
     pub hold: bool,
     pub tx: tx::Tx,
     pub subs: pubsub::Subscriptions,
+    /// Top-level name of the command being dispatched (`unknown` if it
+    /// is not a command), for metrics.
     pub last_command: &'static str,
     /// Set per request: why writes are refused (fencing), if they are.
     pub fenced: Option<String>,
@@ -211,6 +214,9 @@ pub(crate) async fn await_reply(rx: ReplyRx, proto: Protocol) -> Bytes {
 struct Slot {
     pending: Pending,
     subscription: bool,
+    /// For metrics: the command, and when its request was read.
+    command: &'static str,
+    read_at: Instant,
 }
 
 /// Serves one client until it quits, errs, or `shutdown` (after which the
@@ -259,6 +265,8 @@ pub async fn serve(
     let mut stalled: Option<Request> = None;
     let mut subs_pending = 0usize;
     let mut reading = true;
+    let mut tally = tally::Tally::default();
+    let mut read_at = Instant::now();
     loop {
         // Move every reply that is ready, in order, into the output.
         while let Some(front) = queue.front_mut() {
@@ -278,6 +286,7 @@ pub async fn serve(
                     None => break,
                 },
             };
+            tally.reply(front.command, &bytes, front.read_at);
             out.extend_from_slice(&bytes);
             if front.subscription {
                 subs_pending -= 1;
@@ -288,6 +297,8 @@ pub async fn serve(
             if wr.write_all(&out).await.is_err() {
                 break;
             }
+            metrics::counter!(tally::BYTES_OUT).increment(out.len() as u64);
+            tally.flush(Instant::now());
             out.clear();
         }
         if queue.is_empty() {
@@ -310,6 +321,8 @@ pub async fn serve(
                         queue.push_back(Slot {
                             pending: Pending::Ready(e.to_frame().to_bytes(s.protocol)),
                             subscription: false,
+                            command: "protocol_error",
+                            read_at,
                         });
                         s.closing = true;
                         progressed = true;
@@ -318,7 +331,10 @@ pub async fn serve(
                 },
             };
             let table = shared.table.borrow().clone();
-            match commands::dispatch(&shared, &table, &mut s, &req, queue.is_empty()) {
+            s.last_command = "unknown";
+            let dispatched = commands::dispatch(&shared, &table, &mut s, &req, queue.is_empty());
+            let command = s.last_command;
+            match dispatched {
                 Dispatch::Reply(pending) => {
                     // Stateful work runs only at the front of the queue, so
                     // later requests must wait for it, or they would reach
@@ -329,6 +345,8 @@ pub async fn serve(
                     queue.push_back(Slot {
                         pending,
                         subscription: false,
+                        command,
+                        read_at,
                     })
                 }
                 Dispatch::Subscription(fut) => {
@@ -336,6 +354,8 @@ pub async fn serve(
                     queue.push_back(Slot {
                         pending: Pending::Later(fut),
                         subscription: true,
+                        command,
+                        read_at,
                     });
                 }
                 Dispatch::AfterQueue => {
@@ -364,7 +384,10 @@ pub async fn serve(
             _ = wait_front(queue.front_mut(), s.protocol), if !queue.is_empty() => {}
             read = rd.read_buf(&mut inbuf), if can_read => match read {
                 Ok(0) | Err(_) => reading = false,
-                Ok(_) => {}
+                Ok(n) => {
+                    read_at = Instant::now();
+                    metrics::counter!(tally::BYTES_IN).increment(n as u64);
+                }
             },
             msg = push_rx.recv(), if deliver_messages => match msg {
                 // An empty message means a subscription connection died:
@@ -373,6 +396,7 @@ pub async fn serve(
                     if wr.write_all(&m).await.is_err() {
                         break;
                     }
+                    metrics::counter!(tally::BYTES_OUT).increment(m.len() as u64);
                 }
                 _ => s.closing = true,
             },

@@ -1,0 +1,339 @@
+//! The alert rules and Grafana dashboards in `observability/`, checked
+//! against a live system: a real Prometheus scrapes every service of a
+//! running redmesh (with traffic, errors and a failover behind it), loads
+//! the alert rules, and answers every dashboard query. An expression naming
+//! a metric no service exports, a rule Prometheus cannot evaluate, or a
+//! dashboard panel without data fails the test.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use redmesh_api::v1;
+use redmesh_e2e::harness::raw_exchange;
+use redmesh_e2e::{free_port, Child, Service, System};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_owned()
+}
+
+fn service(sys: &System, binary: &str, id: &str) -> Service {
+    Service::start(
+        binary,
+        "--listen",
+        &[
+            "--etcd".into(),
+            sys.etcd.endpoint.clone(),
+            "--id".into(),
+            id.into(),
+        ],
+    )
+}
+
+/// Polls `check` every 100 ms until it succeeds; after `secs` seconds
+/// fails the test with `what` and the last reason `check` gave.
+async fn until<T>(what: &str, secs: u64, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(why) if Instant::now() >= deadline => panic!("{what} within {secs} s: {why}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// `GET path` on `addr` (HTTP/1.0, so the body ends with the connection).
+fn http_get(addr: &str, path: &str) -> Result<String, String> {
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP header")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{}: {body}", head.lines().next().unwrap_or("")));
+    }
+    Ok(body.to_owned())
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Every `redmesh_*` metric name in `expr`.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("redmesh_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        out.push(name);
+    }
+    out
+}
+
+/// (dashboard file, panel title, expression) of every dashboard query.
+fn dashboard_queries() -> Vec<(String, String, String)> {
+    let dir = repo().join("observability/grafana/dashboards");
+    let mut out = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "dashboards missing in {}", dir.display());
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("dashboard");
+        let dash: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", file.display()));
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let panels = dash["panels"].as_array().expect("panels");
+        assert!(!panels.is_empty(), "{name} has no panels");
+        for p in panels {
+            let title = p["title"].as_str().unwrap_or("?").to_owned();
+            let targets = p["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "{name}: panel {title} has no query");
+            for t in targets {
+                let expr = t["expr"].as_str().expect("expr");
+                out.push((name.clone(), title.clone(), expr.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_and_alert_rules_query_what_the_services_export() {
+    assert!(
+        Command::new("prometheus").arg("--version").output().is_ok(),
+        "the `prometheus` binary is needed (Debian package prometheus; ./tests/run.sh installs it)"
+    );
+    // A system with every kind of service, each exporting metrics.
+    let mut sys = System::start(4);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("obs", 4, v1::ClusterConfig::default())
+        .await;
+    let checkers = [
+        service(&sys, "redmesh-health-checker", "hc-a"),
+        service(&sys, "redmesh-health-checker", "hc-b"),
+        service(&sys, "redmesh-health-checker", "hc-c"),
+    ];
+    let co = service(&sys, "redmesh-coordinator", "co-1");
+    // (A placeholder so far: health, reflection and metrics only.)
+    let migrator = Service::start("redmesh-migrator", "--listen", &[]);
+
+    // Prometheus scrapes them all every second and evaluates the rules.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let targets = |addrs: Vec<&str>| {
+        addrs
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let jobs = [
+        ("redmesh-broker", targets(vec![sys.broker.metrics.as_str()])),
+        ("redmesh-coordinator", targets(vec![co.metrics.as_str()])),
+        (
+            "redmesh-health-checker",
+            targets(checkers.iter().map(|c| c.metrics.as_str()).collect()),
+        ),
+        ("redmesh-migrator", targets(vec![migrator.metrics.as_str()])),
+        (
+            "redmesh-proxy",
+            targets(sys.proxies.iter().map(|p| p.metrics.as_str()).collect()),
+        ),
+    ];
+    let mut config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n",
+        repo()
+            .join("observability/prometheus/alerts.yml")
+            .display()
+    );
+    for (job, t) in &jobs {
+        config.push_str(&format!(
+            "  - job_name: {job}\n    static_configs:\n      - targets: [{t}]\n"
+        ));
+    }
+    std::fs::write(dir.path().join("prometheus.yml"), config).expect("config");
+    let web = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new("prometheus");
+    cmd.arg(format!(
+        "--config.file={}",
+        dir.path().join("prometheus.yml").display()
+    ))
+    .arg(format!(
+        "--storage.tsdb.path={}",
+        dir.path().join("data").display()
+    ))
+    .arg(format!("--web.listen-address={web}"));
+    let mut prom = Child::spawn("prometheus", cmd, &dir.path().join("prometheus.log"));
+
+    // Traffic with successes, a redirection and errors, on every proxy.
+    for p in &sys.proxies {
+        for req in [
+            &b"SET obs-key value\r\nGET obs-key\r\n"[..],
+            b"NOSUCHCOMMAND\r\n",
+            b"MGET {a}x {b}y\r\n",
+        ] {
+            raw_exchange(&p.resp, req).expect("proxy answers");
+        }
+    }
+    // A failover: the coordinator promotes the partner of a killed proxy.
+    let victim = cluster.chunks[0].proxy_ids[0].clone();
+    sys.proxies
+        .iter_mut()
+        .find(|p| p.id == victim)
+        .unwrap()
+        .child
+        .as_mut()
+        .unwrap()
+        .kill();
+    // The failover histogram appears with the first promotion.
+    until(&format!("a failover of {victim}"), 30, || {
+        let text = http_get(&co.metrics, "/metrics")?;
+        if text.contains("redmesh_coordinator_failover_duration_seconds_count") {
+            Ok(())
+        } else {
+            Err(co.log())
+        }
+    })
+    .await;
+    for p in sys.proxies.iter().filter(|p| p.id != victim) {
+        raw_exchange(&p.resp, b"GET obs-key\r\n").expect("proxy answers");
+    }
+
+    let query = |expr: &str| -> Result<serde_json::Value, String> {
+        let body = http_get(
+            &web,
+            &format!("/api/v1/query?query={}", percent_encode(expr)),
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        Ok(v["data"]["result"].clone())
+    };
+    // Wait until every live target has been scraped a few times.
+    let number = |expr: &str| -> Result<f64, String> {
+        query(expr)?[0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| format!("no value for {expr}"))
+    };
+    until("Prometheus scraping every service", 60, || {
+        if prom.exited() {
+            panic!("prometheus exited:\n{}", prom.log_tail());
+        }
+        let scrapes = number("min(count_over_time(up{job=~\"redmesh-.*\"}[1m]))")?;
+        let up = number("count(up{job=~\"redmesh-.*\"} == 1)")?;
+        // 1 broker + 1 coordinator + 3 checkers + 1 migrator + 3 live proxies.
+        if scrapes >= 4.0 && up >= 9.0 {
+            Ok(())
+        } else {
+            Err(format!("{up} up, {scrapes} scrapes"))
+        }
+    })
+    .await;
+
+    // Every metric the rules and dashboards name is exported.
+    let names: serde_json::Value = serde_json::from_str(
+        &http_get(&web, "/api/v1/label/__name__/values").expect("metric names"),
+    )
+    .expect("json");
+    let exported: BTreeSet<String> = names["data"]
+        .as_array()
+        .expect("names")
+        .iter()
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect();
+    let rules: serde_json::Value =
+        serde_json::from_str(&http_get(&web, "/api/v1/rules").expect("rules")).expect("json");
+    let rules: Vec<&serde_json::Value> = rules["data"]["groups"]
+        .as_array()
+        .expect("rule groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_array().expect("rules").iter())
+        .collect();
+    assert!(rules.len() >= 10, "alert rules not loaded: {rules:?}");
+    let queries = dashboard_queries();
+    let mut unknown = BTreeSet::new();
+    let all = rules
+        .iter()
+        .map(|r| r["query"].as_str().expect("rule query").to_owned())
+        .chain(queries.iter().map(|(_, _, e)| e.clone()));
+    for expr in all {
+        for name in metric_names(&expr) {
+            if !exported.contains(&name) {
+                unknown.insert(format!("{name} (in {expr})"));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "expressions name metrics no service exports:\n{}",
+        unknown.into_iter().collect::<Vec<_>>().join("\n")
+    );
+
+    // Every rule evaluates without error.
+    until("every alert rule evaluating", 20, || {
+        let body = http_get(&web, "/api/v1/rules")?;
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        let bad: Vec<String> = v["data"]["groups"]
+            .as_array()
+            .expect("groups")
+            .iter()
+            .flat_map(|g| g["rules"].as_array().expect("rules").iter())
+            .filter(|r| r["health"] != "ok")
+            .map(|r| format!("{}: {} {}", r["name"], r["health"], r["lastError"]))
+            .collect();
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(bad.join("\n"))
+        }
+    })
+    .await;
+
+    // Every dashboard query returns data from this system (an invalid
+    // expression fails at once).
+    for (file, title, expr) in &queries {
+        let promql = expr.replace("$__rate_interval", "1m");
+        until(
+            &format!("{file}: data for panel {title:?}"),
+            20,
+            || match query(&promql) {
+                Ok(r) if r.as_array().is_some_and(|a| !a.is_empty()) => Ok(()),
+                Ok(_) => Err(format!("no data: {promql}")),
+                Err(e) => panic!("{file}: panel {title:?}: {promql}: {e}"),
+            },
+        )
+        .await;
+    }
+    prom.kill();
+}
+
+#[test]
+fn metric_names_are_found_in_expressions() {
+    assert_eq!(
+        metric_names("sum(rate(redmesh_a_total{x=\"y\"}[1m])) / redmesh_b_seconds_bucket"),
+        vec!["redmesh_a_total", "redmesh_b_seconds_bucket"]
+    );
+    assert!(metric_names("up == 0").is_empty());
+}
