@@ -23,6 +23,7 @@ pub struct Service {
     binary: String,
     listen_flag: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     dir: tempfile::TempDir,
 }
 
@@ -37,12 +38,26 @@ impl Service {
     /// `--metrics-listen <free port>`, and waits until its gRPC health
     /// check answers SERVING.
     pub fn start(binary: &str, listen_flag: &str, args: &[String]) -> Self {
+        Self::start_env(binary, listen_flag, args, &[])
+    }
+
+    /// [`Service::start`] with extra environment variables.
+    pub fn start_env(
+        binary: &str,
+        listen_flag: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr = format!("127.0.0.1:{}", free_port());
         let metrics = format!("127.0.0.1:{}", free_port());
         let mut args = args.to_vec();
         args.extend(["--metrics-listen".to_owned(), metrics.clone()]);
-        let child = Self::spawn(binary, listen_flag, &addr, &args, &dir);
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = Self::spawn(binary, listen_flag, &addr, &args, &env, &dir);
         let mut svc = Self {
             addr,
             metrics,
@@ -50,6 +65,7 @@ impl Service {
             binary: binary.to_owned(),
             listen_flag: listen_flag.to_owned(),
             args,
+            env,
             dir,
         };
         svc.wait_serving();
@@ -61,13 +77,15 @@ impl Service {
         listen_flag: &str,
         addr: &str,
         args: &[String],
+        env: &[(String, String)],
         dir: &tempfile::TempDir,
     ) -> Child {
         let mut cmd = Command::new(bin_path(binary));
         cmd.arg(listen_flag)
             .arg(addr)
             .args(args)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)));
         Child::spawn(binary, cmd, &dir.path().join("log"))
     }
 
@@ -84,6 +102,7 @@ impl Service {
             &self.listen_flag,
             &self.addr,
             &self.args,
+            &self.env,
             &self.dir,
         );
         self.wait_serving();

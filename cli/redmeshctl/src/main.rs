@@ -15,7 +15,7 @@ use redmesh_api::v1::{
     self, broker_client::BrokerClient, coordinator_client::CoordinatorClient,
     health_checker_client::HealthCheckerClient, topology_client::TopologyClient,
 };
-use tonic::transport::Channel;
+use redmesh_runtime::trace_context::{traced, TracedChannel};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -234,10 +234,37 @@ enum TopologyCmd {
     },
 }
 
+/// The command's verbs ("cluster create"), naming its trace.
+fn verbs(m: &clap::ArgMatches) -> String {
+    let mut out = Vec::new();
+    let mut cur = m;
+    while let Some((name, sub)) = cur.subcommand() {
+        out.push(name.to_owned());
+        cur = sub;
+    }
+    out.join(" ")
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli).await {
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // With OTEL_EXPORTER_OTLP_ENDPOINT set, the command is one trace: its
+    // calls carry the context on to the services (W3C traceparent).
+    if let Err(e) = redmesh_telemetry::init_tracing_only("redmeshctl") {
+        eprintln!("warning: {e}; continuing without traces");
+    }
+    let span = tracing::info_span!(
+        "redmeshctl",
+        otel.name = %format!("redmeshctl {}", verbs(&matches)),
+        otel.kind = "client",
+    );
+    let result = tracing::Instrument::instrument(run(cli), span).await;
+    redmesh_telemetry::flush_traces().await;
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(status) = e.downcast_ref::<tonic::Status>() {
@@ -275,7 +302,7 @@ fn code_name(code: tonic::Code) -> String {
 
 /// Connects to `service` (named in errors) at `url`. `streaming` drops the
 /// per-request timeout, which would cut a watch short.
-async fn channel(service: &str, url: &str, streaming: bool) -> anyhow::Result<Channel> {
+async fn channel(service: &str, url: &str, streaming: bool) -> anyhow::Result<TracedChannel> {
     let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("invalid {service} URL {url:?}"))?
         .connect_timeout(Duration::from_secs(3));
@@ -285,6 +312,7 @@ async fn channel(service: &str, url: &str, streaming: bool) -> anyhow::Result<Ch
     endpoint
         .connect()
         .await
+        .map(traced)
         .map_err(|e| anyhow::Error::new(e).context(format!("cannot reach the {service} at {url}")))
 }
 

@@ -76,7 +76,7 @@ pub struct TelemetryArgs {
 impl TelemetryArgs {
     /// Installs logging and, if configured, the metrics endpoint.
     pub fn init(&self, service: &'static str) -> Result<(), TelemetryError> {
-        redmesh_telemetry::init_logging(service, self.log_format);
+        redmesh_telemetry::init_logging(service, self.log_format)?;
         if let Some(addr) = self.metrics_listen {
             redmesh_telemetry::init_metrics(service, addr)?;
             tracing::info!(%addr, "metrics endpoint listening");

@@ -1,5 +1,6 @@
-//! Prometheus metrics for every gRPC server: calls by method and status
-//! code, and how long each took to answer.
+//! Prometheus metrics and trace spans for every gRPC server: calls by
+//! method and status code, how long each took to answer, and a span per
+//! call that continues the caller's trace (`trace_context`).
 //!
 //! A tower layer on the server, so every service (and health, reflection)
 //! is measured the same way. The method label comes from the request path,
@@ -123,9 +124,13 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let method: Arc<str> = method_label(req.uri().path()).into();
+        let span = crate::trace_context::server_span(&method, req.headers());
         let started = Instant::now();
-        let call = self.inner.call(req);
-        Box::pin(async move {
+        let call = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        let fut = async move {
             let result = call.await;
             let code = match &result {
                 Ok(response) => status_of(response),
@@ -136,7 +141,8 @@ where
             metrics::histogram!(DURATION, "method" => method.to_string())
                 .record(started.elapsed().as_secs_f64());
             result
-        })
+        };
+        Box::pin(tracing::Instrument::instrument(fut, span))
     }
 }
 

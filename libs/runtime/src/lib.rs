@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod grpc;
 pub mod grpc_metrics;
 pub mod shutdown;
+pub mod trace_context;
 
 pub use args::{EtcdArgs, TelemetryArgs};
 pub use shutdown::shutdown_on_signals;

@@ -5,5 +5,7 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let config = redmesh_coordinator::Config::parse();
     config.telemetry.init("coordinator")?;
-    redmesh_coordinator::run(config, redmesh_runtime::shutdown_on_signals()).await
+    let result = redmesh_coordinator::run(config, redmesh_runtime::shutdown_on_signals()).await;
+    redmesh_telemetry::flush_traces().await;
+    result
 }

@@ -8,9 +8,10 @@
 
 use std::time::{Duration, Instant};
 
+use redmesh_runtime::trace_context::{traced, TracedChannel};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
 
@@ -28,7 +29,7 @@ pub enum Probe {
         /// host:port.
         addr: String,
         /// Lazily connected channel (reconnects by itself).
-        client: Option<HealthClient<Channel>>,
+        client: Option<HealthClient<TracedChannel>>,
     },
 }
 
@@ -118,7 +119,7 @@ impl Probe {
                         .map_err(|e| format!("bad address: {e}"))?
                         .connect_timeout(timeout)
                         .tcp_nodelay(true);
-                    *client = Some(HealthClient::new(endpoint.connect_lazy()));
+                    *client = Some(HealthClient::new(traced(endpoint.connect_lazy())));
                 }
                 let Some(c) = client.as_mut() else {
                     return Err("no channel".into());

@@ -5,5 +5,7 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let config = redmesh_migrator::Config::parse();
     config.telemetry.init("migrator")?;
-    redmesh_migrator::run(config, redmesh_runtime::shutdown_on_signals()).await
+    let result = redmesh_migrator::run(config, redmesh_runtime::shutdown_on_signals()).await;
+    redmesh_telemetry::flush_traces().await;
+    result
 }

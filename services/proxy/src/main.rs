@@ -14,6 +14,8 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the async runtime")?
         .block_on(async {
             config.telemetry.init("proxy")?;
-            redmesh_proxy::run(config, redmesh_runtime::shutdown_on_signals()).await
+            let result = redmesh_proxy::run(config, redmesh_runtime::shutdown_on_signals()).await;
+            redmesh_telemetry::flush_traces().await;
+            result
         })
 }

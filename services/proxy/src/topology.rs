@@ -132,7 +132,7 @@ async fn stream_once(
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true);
     let channel = endpoint.connect().await?;
-    let mut client = TopologyClient::new(channel);
+    let mut client = TopologyClient::new(redmesh_runtime::trace_context::traced(channel));
     let known_epoch = feed.epoch();
     let mut stream = client
         .watch_topology(v1::WatchTopologyRequest {
