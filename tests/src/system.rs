@@ -184,6 +184,8 @@ pub struct ProxyNode {
     pub redis: [Redis; 2],
     /// The proxy process (None while stopped).
     pub child: Option<Child>,
+    /// Extra environment of the process.
+    env: Vec<(String, String)>,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -219,7 +221,8 @@ impl ProxyNode {
             "--fence-after",
             "3s",
         ])
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        .envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = Child::spawn("redmesh-proxy", cmd, &self.log);
         let resp = self.resp.clone();
         wait_until(
@@ -292,11 +295,17 @@ impl std::fmt::Debug for System {
 impl System {
     /// Starts etcd, a broker and `n` proxies (not yet registered).
     pub fn start(n: usize) -> Self {
+        Self::start_env(n, &[])
+    }
+
+    /// [`System::start`] with extra environment for the broker and proxies.
+    pub fn start_env(n: usize, env: &[(&str, &str)]) -> Self {
         let etcd = Etcd::start();
-        let broker = Service::start(
+        let broker = Service::start_env(
             "redmesh-broker",
             "--listen",
             &["--etcd".into(), etcd.endpoint.clone()],
+            env,
         );
         let mut proxies = Vec::new();
         for i in 0..n {
@@ -310,6 +319,10 @@ impl System {
                 metrics: format!("127.0.0.1:{}", free_port()),
                 redis: [Redis::start(), Redis::start()],
                 child: None,
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 log: dir.path().join("proxy.log"),
                 _dir: dir,
             };

@@ -1,7 +1,7 @@
 //! Traces across processes: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, a
-//! redmeshctl command and the broker's handling of it are one trace. An
-//! in-process OTLP receiver collects what both export and checks that the
-//! broker's server span is a child of the command's span.
+//! redmeshctl command and the broker's handling of it are one trace, and
+//! proxies trace sampled commands with their result. An in-process OTLP
+//! receiver collects what the processes export.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,7 +13,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use redmesh_e2e::{bin_path, free_port, Etcd, Service};
+use redmesh_api::v1;
+use redmesh_e2e::harness::raw_exchange;
+use redmesh_e2e::{bin_path, free_port, Etcd, Service, System};
 use tonic::{Request, Response, Status};
 
 /// One received span.
@@ -24,6 +26,25 @@ struct Received {
     trace_id: Vec<u8>,
     span_id: Vec<u8>,
     parent_span_id: Vec<u8>,
+    /// String and integer attributes, as text.
+    attributes: Vec<(String, String)>,
+}
+
+impl Received {
+    fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::StringValue(s) => s.clone(),
+        Value::IntValue(i) => i.to_string(),
+        other => format!("{other:?}"),
+    }
 }
 
 #[derive(Clone, Default)]
@@ -45,10 +66,7 @@ impl TraceService for Receiver {
                 .flat_map(|r| r.attributes.iter())
                 .find(|a| a.key == "service.name")
                 .and_then(|a| a.value.as_ref()?.value.as_ref())
-                .map(|v| match v {
-                    Value::StringValue(s) => s.clone(),
-                    other => format!("{other:?}"),
-                })
+                .map(text)
                 .unwrap_or_default();
             for s in rs.scope_spans.into_iter().flat_map(|ss| ss.spans) {
                 spans.push(Received {
@@ -57,6 +75,13 @@ impl TraceService for Receiver {
                     trace_id: s.trace_id,
                     span_id: s.span_id,
                     parent_span_id: s.parent_span_id,
+                    attributes: s
+                        .attributes
+                        .iter()
+                        .filter_map(|a| {
+                            Some((a.key.clone(), text(a.value.as_ref()?.value.as_ref()?)))
+                        })
+                        .collect(),
                 });
             }
         }
@@ -66,15 +91,38 @@ impl TraceService for Receiver {
     }
 }
 
+impl Receiver {
+    /// Serves OTLP/gRPC on a free port; returns the endpoint URL.
+    fn start(&self) -> String {
+        let port = free_port();
+        let server = tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(self.clone()))
+            .serve(format!("127.0.0.1:{port}").parse().expect("addr"));
+        tokio::spawn(server);
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// Waits until `found` picks what it needs from the spans received.
+    async fn until<T>(&self, what: &str, mut found: impl FnMut(&[Received]) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let spans = self.spans.lock().expect("lock").clone();
+            if let Some(v) = found(&spans) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} not received; got: {spans:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_and_the_broker_call_it_makes_are_one_trace() {
     let receiver = Receiver::default();
-    let port = free_port();
-    let server = tonic::transport::Server::builder()
-        .add_service(TraceServiceServer::new(receiver.clone()))
-        .serve(format!("127.0.0.1:{port}").parse().expect("addr"));
-    tokio::spawn(server);
-    let endpoint = format!("http://127.0.0.1:{port}");
+    let endpoint = receiver.start();
     // Batches leave every 100 ms instead of every 5 s.
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
@@ -105,28 +153,72 @@ async fn a_command_and_the_broker_call_it_makes_are_one_trace() {
     assert!(out.status.success(), "{out:?}");
 
     // The command's root span, and the broker's span for its call.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (root, call) = loop {
-        let spans = receiver.spans.lock().expect("lock").clone();
-        let root = spans
-            .iter()
-            .find(|s| s.service == "redmesh-redmeshctl" && s.name == "redmeshctl proxy register")
-            .cloned();
-        let call = spans
-            .iter()
-            .find(|s| s.service == "redmesh-broker" && s.name == "redmesh.v1.Broker/RegisterProxy")
-            .cloned();
-        if let (Some(root), Some(call)) = (root, call) {
-            break (root, call);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "spans missing; received: {spans:#?}\nbroker log:\n{}",
-            broker.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (root, call) = receiver
+        .until("the command's and the broker's spans", |spans| {
+            let root = spans.iter().find(|s| {
+                s.service == "redmesh-redmeshctl" && s.name == "redmeshctl proxy register"
+            })?;
+            let call = spans.iter().find(|s| {
+                s.service == "redmesh-broker" && s.name == "redmesh.v1.Broker/RegisterProxy"
+            })?;
+            Some((root.clone(), call.clone()))
+        })
+        .await;
     assert!(root.parent_span_id.is_empty(), "{root:?}");
     assert_eq!(call.trace_id, root.trace_id, "{call:?} vs {root:?}");
     assert_eq!(call.parent_span_id, root.span_id, "{call:?} vs {root:?}");
+    // The broker's etcd requests are spans inside its call.
+    receiver
+        .until("an etcd span inside the broker's call", |spans| {
+            spans
+                .iter()
+                .find(|s| s.name.starts_with("etcd ") && s.parent_span_id == call.span_id)
+                .cloned()
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_trace_sampled_commands_with_their_result() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start();
+    let sys = System::start_env(
+        2,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            // Every command, so the test knows which ones.
+            ("REDMESH_PROXY_TRACE_EVERY", "1"),
+        ],
+    );
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("traced", 4, v1::ClusterConfig::default())
+        .await;
+    let (owner, _) = sys.key_master(&cluster, b"traced-key");
+    let other = sys.proxies.iter().find(|p| p.id != owner.id).unwrap();
+    assert_eq!(
+        raw_exchange(&owner.resp, b"SET traced-key v\r\n").unwrap(),
+        b"+OK\r\n"
+    );
+    let moved = raw_exchange(&other.resp, b"SET traced-key v\r\n").unwrap();
+    assert!(moved.starts_with(b"-MOVED"), "{moved:?}");
+    for result in ["ok", "moved"] {
+        let span = receiver
+            .until(
+                &format!("a proxy span for SET with result {result}"),
+                |spans| {
+                    spans
+                        .iter()
+                        .find(|s| {
+                            s.service == "redmesh-proxy"
+                                && s.name == "redis set"
+                                && s.attribute("redmesh.result") == Some(result)
+                        })
+                        .cloned()
+                },
+            )
+            .await;
+        assert_eq!(span.attribute("db.system"), Some("redis"), "{span:?}");
+    }
 }

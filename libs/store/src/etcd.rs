@@ -5,8 +5,9 @@
 //! by itself when etcd returns.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -17,6 +18,7 @@ use etcd_client::{
 };
 use futures::StreamExt;
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 use crate::{
     Compare, CompareOp, CompareTarget, EventKind, KeyValue, LeaseId, Listing, MetaStore, Op,
@@ -161,29 +163,54 @@ fn txn_op(op: &Op) -> ETxnOp {
     }
 }
 
+/// Request latency by operation and outcome (`ok`, `error`).
+pub const REQUEST_DURATION: &str = "redmesh_etcd_request_duration_seconds";
+
+/// Runs one etcd request in a span (a child of the gRPC call it serves, in
+/// traces) and records its latency.
+async fn timed<T>(
+    op: &'static str,
+    request: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let started = Instant::now();
+    let result = request
+        .instrument(tracing::info_span!("etcd", otel.name = %format!("etcd {op}"), db.system = "etcd", db.operation = op))
+        .await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::histogram!(REQUEST_DURATION, "op" => op, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    result
+}
+
 #[async_trait]
 impl MetaStore for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(key, None)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(resp.kvs().first().map(kv))
+        timed("get", async {
+            let resp = self
+                .client
+                .kv_client()
+                .get(key, None)
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(resp.kvs().first().map(kv))
+        })
+        .await
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(Listing {
-            kvs: resp.kvs().iter().map(kv).collect(),
-            revision: resp.header().map_or(0, |h| h.revision()),
+        timed("list", async {
+            let resp = self
+                .client
+                .kv_client()
+                .get(prefix, Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(Listing {
+                kvs: resp.kvs().iter().map(kv).collect(),
+                revision: resp.header().map_or(0, |h| h.revision()),
+            })
         })
+        .await
     }
 
     async fn put(
@@ -192,58 +219,67 @@ impl MetaStore for EtcdStore {
         value: Bytes,
         lease: Option<LeaseId>,
     ) -> Result<Revision, StoreError> {
-        let opts = lease.map(|l| PutOptions::new().with_lease(l));
-        let resp = self
-            .client
-            .kv_client()
-            .put(key, value.to_vec(), opts)
-            .await
-            .map_err(|e| self.lease_err(e, lease))?;
-        Ok(resp.header().map_or(0, |h| h.revision()))
+        timed("put", async {
+            let opts = lease.map(|l| PutOptions::new().with_lease(l));
+            let resp = self
+                .client
+                .kv_client()
+                .put(key, value.to_vec(), opts)
+                .await
+                .map_err(|e| self.lease_err(e, lease))?;
+            Ok(resp.header().map_or(0, |h| h.revision()))
+        })
+        .await
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let resp = self
-            .client
-            .kv_client()
-            .delete(key, None)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(resp.deleted() > 0)
+        timed("delete", async {
+            let resp = self
+                .client
+                .kv_client()
+                .delete(key, None)
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(resp.deleted() > 0)
+        })
+        .await
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
-        let lease_of = txn
-            .success
-            .iter()
-            .chain(&txn.failure)
-            .find_map(|op| match op {
-                Op::Put { lease: Some(l), .. } => Some(*l),
-                _ => None,
-            });
-        let etxn = ETxn::new()
-            .when(txn.compares.iter().map(compare).collect::<Vec<_>>())
-            .and_then(txn.success.iter().map(txn_op).collect::<Vec<_>>())
-            .or_else(txn.failure.iter().map(txn_op).collect::<Vec<_>>());
-        let resp = self
-            .client
-            .kv_client()
-            .txn(etxn)
-            .await
-            .map_err(|e| self.lease_err(e, lease_of))?;
-        let gets = resp
-            .op_responses()
-            .into_iter()
-            .filter_map(|r| match r {
-                TxnOpResponse::Get(g) => Some(g.kvs().first().map(kv)),
-                _ => None,
+        timed("txn", async {
+            let lease_of = txn
+                .success
+                .iter()
+                .chain(&txn.failure)
+                .find_map(|op| match op {
+                    Op::Put { lease: Some(l), .. } => Some(*l),
+                    _ => None,
+                });
+            let etxn = ETxn::new()
+                .when(txn.compares.iter().map(compare).collect::<Vec<_>>())
+                .and_then(txn.success.iter().map(txn_op).collect::<Vec<_>>())
+                .or_else(txn.failure.iter().map(txn_op).collect::<Vec<_>>());
+            let resp = self
+                .client
+                .kv_client()
+                .txn(etxn)
+                .await
+                .map_err(|e| self.lease_err(e, lease_of))?;
+            let gets = resp
+                .op_responses()
+                .into_iter()
+                .filter_map(|r| match r {
+                    TxnOpResponse::Get(g) => Some(g.kvs().first().map(kv)),
+                    _ => None,
+                })
+                .collect();
+            Ok(TxnResult {
+                succeeded: resp.succeeded(),
+                revision: resp.header().map_or(0, |h| h.revision()),
+                gets,
             })
-            .collect();
-        Ok(TxnResult {
-            succeeded: resp.succeeded(),
-            revision: resp.header().map_or(0, |h| h.revision()),
-            gets,
         })
+        .await
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {

@@ -83,6 +83,11 @@ pub struct Config {
     /// writing before its replacement starts (DESIGN.md §5).
     #[arg(long, env = "REDMESH_PROXY_FENCE_AFTER", default_value = "750ms", value_parser = humantime::parse_duration)]
     pub fence_after: Duration,
+    /// Trace one command in this many (0: none), as a span from dispatch
+    /// to reply with its result (`ok`, `moved`, `ask`…). Spans are exported
+    /// only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(long, env = "REDMESH_PROXY_TRACE_EVERY", default_value_t = 1000)]
+    pub trace_every: u64,
     /// Runtime worker threads; 0 means one per CPU. A proxy sharing a small
     /// host with its two redis-server nodes serves more with fewer threads
     /// (fewer cross-thread wake-ups; see docs/PERFORMANCE.md).
@@ -140,6 +145,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         clients: AtomicU64::new(0),
         feed: feed.clone(),
         fence_after: config.fence_after,
+        trace_every: config.trace_every,
     });
     let admin = admin::Admin {
         shared: shared.clone(),

@@ -60,6 +60,8 @@ pub struct Shared {
     pub feed: crate::topology::TopologyFeed,
     /// Refuse writes after this long without word from any broker.
     pub fence_after: std::time::Duration,
+    /// Trace one command in this many (0: none).
+    pub trace_every: u64,
 }
 
 impl Shared {
@@ -217,6 +219,9 @@ struct Slot {
     /// For metrics: the command, and when its request was read.
     command: &'static str,
     read_at: Instant,
+    /// The command's trace span, if it is one of the sampled ones; it ends
+    /// when the reply is written.
+    span: Option<tracing::Span>,
 }
 
 /// Serves one client until it quits, errs, or `shutdown` (after which the
@@ -267,6 +272,7 @@ pub async fn serve(
     let mut reading = true;
     let mut tally = tally::Tally::default();
     let mut read_at = Instant::now();
+    let mut commands_seen = 0u64;
     loop {
         // Move every reply that is ready, in order, into the output.
         while let Some(front) = queue.front_mut() {
@@ -286,7 +292,10 @@ pub async fn serve(
                     None => break,
                 },
             };
-            tally.reply(front.command, &bytes, front.read_at);
+            let result = tally.reply(front.command, &bytes, front.read_at);
+            if let Some(span) = front.span.take() {
+                span.record("redmesh.result", result);
+            }
             out.extend_from_slice(&bytes);
             if front.subscription {
                 subs_pending -= 1;
@@ -323,6 +332,7 @@ pub async fn serve(
                             subscription: false,
                             command: "protocol_error",
                             read_at,
+                            span: None,
                         });
                         s.closing = true;
                         progressed = true;
@@ -334,6 +344,11 @@ pub async fn serve(
             s.last_command = "unknown";
             let dispatched = commands::dispatch(&shared, &table, &mut s, &req, queue.is_empty());
             let command = s.last_command;
+            commands_seen += 1;
+            let sampled =
+                shared.trace_every > 0 && commands_seen.is_multiple_of(shared.trace_every);
+            let client = s.id;
+            let span = || sampled.then(|| tally::command_span(command, client));
             match dispatched {
                 Dispatch::Reply(pending) => {
                     // Stateful work runs only at the front of the queue, so
@@ -347,6 +362,7 @@ pub async fn serve(
                         subscription: false,
                         command,
                         read_at,
+                        span: span(),
                     })
                 }
                 Dispatch::Subscription(fut) => {
@@ -356,6 +372,7 @@ pub async fn serve(
                         subscription: true,
                         command,
                         read_at,
+                        span: span(),
                     });
                 }
                 Dispatch::AfterQueue => {

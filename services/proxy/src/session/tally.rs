@@ -49,6 +49,20 @@ pub fn result_of(reply: &[u8]) -> &'static str {
     "error"
 }
 
+/// The span of one sampled command (its result is recorded when the reply
+/// is written).
+pub fn command_span(command: &'static str, client: u64) -> tracing::Span {
+    tracing::info_span!(
+        "redis.command",
+        otel.name = %format!("redis {command}"),
+        otel.kind = "server",
+        db.system = "redis",
+        db.operation = command,
+        redmesh.client = client,
+        redmesh.result = tracing::field::Empty,
+    )
+}
+
 /// Counts gathered since the last flush.
 #[derive(Debug, Default)]
 pub struct Tally {
@@ -58,8 +72,8 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// One reply about to be written.
-    pub fn reply(&mut self, command: &'static str, reply: &[u8], read_at: Instant) {
+    /// One reply about to be written; returns its `result` label.
+    pub fn reply(&mut self, command: &'static str, reply: &[u8], read_at: Instant) -> &'static str {
         let result = result_of(reply);
         match self
             .commands
@@ -73,6 +87,7 @@ impl Tally {
             Some((at, n)) if *at == read_at => *n += 1,
             _ => self.waits.push((read_at, 1)),
         }
+        result
     }
 
     /// Publishes and resets, once the replies are written.
