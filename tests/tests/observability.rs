@@ -130,7 +130,16 @@ async fn dashboards_and_alert_rules_query_what_the_services_export() {
     let mut sys = System::start(4);
     sys.register_all().await;
     let cluster = sys
-        .create_cluster("obs", 4, v1::ClusterConfig::default())
+        .create_cluster(
+            "obs",
+            4,
+            // Compressed, so the compression panel has data.
+            v1::ClusterConfig {
+                compression: v1::Compression::Lz4 as i32,
+                compression_threshold: 64,
+                ..Default::default()
+            },
+        )
         .await;
     let checkers = [
         service(&sys, "redmesh-health-checker", "hc-a"),
@@ -189,9 +198,11 @@ async fn dashboards_and_alert_rules_query_what_the_services_export() {
     let mut prom = Child::spawn("prometheus", cmd, &dir.path().join("prometheus.log"));
 
     // Traffic with successes, a redirection and errors, on every proxy.
+    let big = format!("SET obs-big {}\r\n", "x".repeat(1000));
     for p in &sys.proxies {
         for req in [
             &b"SET obs-key value\r\nGET obs-key\r\n"[..],
+            big.as_bytes(),
             b"NOSUCHCOMMAND\r\n",
             b"MGET {a}x {b}y\r\n",
         ] {
@@ -218,8 +229,12 @@ async fn dashboards_and_alert_rules_query_what_the_services_export() {
         }
     })
     .await;
+    // And traffic after it, on the proxies that survive (a series only
+    // the victim exported may never have been scraped).
     for p in sys.proxies.iter().filter(|p| p.id != victim) {
-        raw_exchange(&p.resp, b"GET obs-key\r\n").expect("proxy answers");
+        for req in [&b"GET obs-key\r\n"[..], big.as_bytes()] {
+            raw_exchange(&p.resp, req).expect("proxy answers");
+        }
     }
 
     let query = |expr: &str| -> Result<serde_json::Value, String> {

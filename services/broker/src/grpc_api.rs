@@ -289,6 +289,7 @@ async fn stream_topology(
     let mut tick = tokio::time::interval(KEEPALIVE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_epoch: Option<u64> = None;
+    let mut published_at = None;
     loop {
         let mut event = None;
         tokio::select! {
@@ -315,6 +316,7 @@ async fn stream_topology(
                 } else {
                     last_epoch = Some(epoch);
                     event = Some(Event::View(view.message.clone()));
+                    published_at = Some(view.published_at);
                 }
             }
         }
@@ -325,6 +327,12 @@ async fn stream_topology(
             .is_err()
         {
             return;
+        }
+        // From the metadata change reaching this broker to the new view
+        // being handed to this proxy's stream.
+        if let Some(at) = published_at.take() {
+            metrics::histogram!("redmesh_broker_topology_push_delay_seconds")
+                .record(at.elapsed().as_secs_f64());
         }
     }
 }

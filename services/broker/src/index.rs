@@ -33,6 +33,8 @@ pub struct PublishedView {
     pub view: ProxyView,
     /// Wire message.
     pub message: v1::ProxyView,
+    /// When the broker computed it (for the push-delay metric).
+    pub published_at: std::time::Instant,
 }
 
 /// A change of one cluster.
@@ -410,6 +412,7 @@ fn publish_form(view: ProxyView) -> Arc<PublishedView> {
     Arc::new(PublishedView {
         message: v1::ProxyView::from(&view),
         view,
+        published_at: std::time::Instant::now(),
     })
 }
 

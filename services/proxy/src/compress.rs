@@ -75,6 +75,10 @@ fn value_positions(top: &str, argc: usize) -> Vec<usize> {
 }
 
 /// Encodes one value for storage.
+/// Bytes of values at or above the threshold, before (`stage="raw"`) and
+/// after (`stage="stored"`) compression.
+pub const COMPRESSION_BYTES: &str = "redmesh_proxy_compression_bytes_total";
+
 pub fn encode(value: &[u8], algo: Compression, threshold: usize) -> Option<Bytes> {
     let wrap = |tag: u8, payload: &[u8]| {
         let mut out = BytesMut::with_capacity(MAGIC.len() + 1 + payload.len());
@@ -89,9 +93,15 @@ pub fn encode(value: &[u8], algo: Compression, threshold: usize) -> Option<Bytes
             Compression::Zstd => (ZSTD, zstd::bulk::compress(value, 1).ok()?),
             Compression::None => return None,
         };
+        // Every value the cluster would compress counts, stored compressed
+        // or not: the ratio says what compression saves overall.
+        metrics::counter!(COMPRESSION_BYTES, "stage" => "raw").increment(value.len() as u64);
         if packed.len() + MAGIC.len() + 1 < value.len() {
+            metrics::counter!(COMPRESSION_BYTES, "stage" => "stored")
+                .increment((packed.len() + MAGIC.len() + 1) as u64);
             return Some(wrap(tag, &packed));
         }
+        metrics::counter!(COMPRESSION_BYTES, "stage" => "stored").increment(value.len() as u64);
     }
     // Kept as is, unless it could be mistaken for a compressed value.
     value.starts_with(MAGIC).then(|| wrap(STORED, value))

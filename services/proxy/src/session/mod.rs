@@ -273,6 +273,7 @@ pub async fn serve(
     let mut tally = tally::Tally::default();
     let mut read_at = Instant::now();
     let mut commands_seen = 0u64;
+    let mut in_flight = 0usize;
     loop {
         // Move every reply that is ready, in order, into the output.
         while let Some(front) = queue.front_mut() {
@@ -394,6 +395,13 @@ pub async fn serve(
             // Give back the memory of a past huge request.
             inbuf = BytesMut::with_capacity(16 * 1024);
         }
+        // Published only when the session is about to wait, so a pipeline
+        // costs one update, not one per request.
+        if queue.len() != in_flight {
+            let gauge = metrics::gauge!(tally::IN_FLIGHT);
+            gauge.increment(queue.len() as f64 - in_flight as f64);
+            in_flight = queue.len();
+        }
         let can_read =
             reading && !s.closing && !s.hold && stalled.is_none() && queue.len() < MAX_PENDING;
         let deliver_messages = subs_pending == 0 && s.subs.active();
@@ -423,6 +431,7 @@ pub async fn serve(
             else => break,
         }
     }
+    metrics::gauge!(tally::IN_FLIGHT).decrement(in_flight as f64);
 }
 
 /// Resolves when the front reply is ready (storing it), or at once if it is.

@@ -6,7 +6,8 @@
 //! `moved`, `ask`, `tryagain`, `clusterdown`, `crossslot`),
 //! `redmesh_proxy_command_duration_seconds` (from the read that brought the
 //! request to the write that carried its reply: what the client waits for,
-//! less the network), and `redmesh_proxy_client_bytes_{received,sent}_total`.
+//! less the network), `redmesh_proxy_client_bytes_{received,sent}_total`
+//! and `redmesh_proxy_requests_in_flight`.
 
 use std::time::Instant;
 
@@ -18,6 +19,8 @@ pub const DURATION: &str = "redmesh_proxy_command_duration_seconds";
 pub const BYTES_IN: &str = "redmesh_proxy_client_bytes_received_total";
 /// Bytes written to clients.
 pub const BYTES_OUT: &str = "redmesh_proxy_client_bytes_sent_total";
+/// Requests whose replies are not yet written, over all sessions.
+pub const IN_FLIGHT: &str = "redmesh_proxy_requests_in_flight";
 
 /// What a reply says, for the `result` label.
 pub fn result_of(reply: &[u8]) -> &'static str {
