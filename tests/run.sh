@@ -11,15 +11,16 @@ ensure_packages redis-server:redis-server redis-cli:redis-tools etcd:etcd-server
   prometheus:prometheus promtool:prometheus
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs) first"
 
-# Client libraries the e2e tests drive, pinned, in a venv under target/.
+# Client libraries the e2e tests and examples/python drive, pinned, in a
+# venv under target/.
 PYENV="$ROOT/target/pyenv"
-if [ ! -x "$PYENV/bin/python" ] || ! "$PYENV/bin/python" -c 'import redis' 2>/dev/null; then
-  say "preparing redis-py in $PYENV"
+if [ ! -x "$PYENV/bin/python" ] || ! "$PYENV/bin/python" -c 'import redis, grpc_tools' 2>/dev/null; then
+  say "preparing redis-py and grpcio-tools in $PYENV"
   if ! python3 -m venv "$PYENV" 2>/dev/null; then
     install_packages python3-venv # Debian's python3 ships venv separately
     python3 -m venv "$PYENV"
   fi
-  "$PYENV/bin/pip" install --quiet --disable-pip-version-check 'redis==8.1.0'
+  "$PYENV/bin/pip" install --quiet --disable-pip-version-check -r examples/python/requirements.txt
 fi
 export REDMESH_PYTHON="$PYENV/bin/python"
 
