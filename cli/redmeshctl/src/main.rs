@@ -64,6 +64,12 @@ enum Command {
     /// Ask a health-checker for its verdicts.
     #[command(subcommand)]
     Health(HealthCmd),
+    /// Print a shell completion script, e.g.
+    /// `redmeshctl completion bash > /etc/bash_completion.d/redmeshctl`.
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -460,6 +466,11 @@ fn read_password() -> anyhow::Result<String> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "redmeshctl", &mut std::io::stdout());
+            return Ok(());
+        }
         Command::Coordinator(cmd) => return coordinator(&cli.coordinator, cli.json, cmd).await,
         Command::Health(cmd) => return health(cli.json, cmd).await,
         _ => {}
@@ -704,7 +715,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Coordinator(_) | Command::Health(_) => unreachable!("dispatched above"),
+        Command::Coordinator(_) | Command::Health(_) | Command::Completion { .. } => {
+            unreachable!("dispatched above")
+        }
     }
     Ok(())
 }
