@@ -24,6 +24,16 @@ if [ ! -x "$PYENV/bin/python" ] || ! "$PYENV/bin/python" -c 'import redis, grpc_
 fi
 export REDMESH_PYTHON="$PYENV/bin/python"
 
+# examples/node runs when Node.js is installed (its test says so otherwise).
+if command -v npm >/dev/null 2>&1; then
+  if [ ! -d examples/node/node_modules ]; then
+    say "installing examples/node packages (npm ci)"
+    (cd examples/node && npm ci --silent --no-audit --no-fund)
+  fi
+else
+  say "node/npm not installed: the examples/node test will skip"
+fi
+
 started=$SECONDS
 say "formatting"
 cargo fmt --all -- --check

@@ -39,5 +39,8 @@ fn an_unreachable_broker_exits_3_and_names_it() {
     let out = ctl(&["--broker", &url, "proxy", "list"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach the broker") && err.contains(&url), "{err}");
+    assert!(
+        err.contains("cannot reach the broker") && err.contains(&url),
+        "{err}"
+    );
 }
