@@ -21,6 +21,45 @@ pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool
     }
 }
 
+/// What one poll of [`eventually`] found: a value, or why not yet
+/// (`Option` for checks with nothing to say).
+pub trait Polled<T> {
+    /// The value, or the reason to keep waiting.
+    fn into_result(self) -> Result<T, String>;
+}
+
+impl<T> Polled<T> for Option<T> {
+    fn into_result(self) -> Result<T, String> {
+        self.ok_or_else(|| "not yet".to_owned())
+    }
+}
+
+impl<T> Polled<T> for Result<T, String> {
+    fn into_result(self) -> Result<T, String> {
+        self
+    }
+}
+
+/// Polls the async `check` every 50 ms until it yields a value; after
+/// `timeout` fails the test naming `what` and the last reason `check` gave.
+pub async fn eventually<T, P, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    P: Polled<T>,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = P>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await.into_result() {
+            Ok(v) => return v,
+            Err(why) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}: {why}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Sends raw bytes on a fresh connection and returns what comes back: reads
 /// until the reply ends with CRLF and nothing more arrives for 50 ms, or 2 s
 /// pass (so a slow, loaded machine does not truncate replies).

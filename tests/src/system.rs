@@ -336,6 +336,20 @@ impl System {
         }
     }
 
+    /// Starts a control-plane service (`redmesh-coordinator`,
+    /// `redmesh-health-checker`…) on this system's etcd as `id`, with
+    /// `extra` arguments.
+    pub fn start_service(&self, binary: &str, id: &str, extra: &[&str]) -> Service {
+        let mut args = vec![
+            "--etcd".to_owned(),
+            self.etcd.endpoint.clone(),
+            "--id".to_owned(),
+            id.to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Service::start(binary, "--listen", &args)
+    }
+
     /// A broker client.
     pub async fn broker(&self) -> BrokerClient<Channel> {
         BrokerClient::connect(self.broker.url())

@@ -14,31 +14,8 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redmesh_api::v1::{self, coordinator_client::CoordinatorClient};
+use redmesh_e2e::harness::eventually;
 use redmesh_e2e::system::{Service, System};
-
-fn checker(sys: &System, id: &str) -> Service {
-    Service::start(
-        "redmesh-health-checker",
-        "--listen",
-        &[
-            "--etcd".into(),
-            sys.etcd.endpoint.clone(),
-            "--id".into(),
-            id.into(),
-        ],
-    )
-}
-
-fn coordinator(sys: &System, id: &str, extra: &[&str]) -> Service {
-    let mut args = vec![
-        "--etcd".to_owned(),
-        sys.etcd.endpoint.clone(),
-        "--id".into(),
-        id.into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Service::start("redmesh-coordinator", "--listen", &args)
-}
 
 async fn status(svc: &Service) -> v1::GetStatusResponse {
     CoordinatorClient::connect(svc.url())
@@ -61,30 +38,14 @@ async fn get_cluster(sys: &System, name: &str) -> (v1::Cluster, Vec<v1::Proxy>) 
     (r.cluster.expect("cluster"), r.proxies)
 }
 
-/// Polls `check` every 50 ms until it yields a value or `timeout` passes.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Three health-checkers and a coordinator, once it leads.
 async fn control_plane(sys: &System) -> ([Service; 3], Service) {
     let checkers = [
-        checker(sys, "hc-a"),
-        checker(sys, "hc-b"),
-        checker(sys, "hc-c"),
+        sys.start_service("redmesh-health-checker", "hc-a", &[]),
+        sys.start_service("redmesh-health-checker", "hc-b", &[]),
+        sys.start_service("redmesh-health-checker", "hc-c", &[]),
     ];
-    let co = coordinator(sys, "co-1", &[]);
+    let co = sys.start_service("redmesh-coordinator", "co-1", &[]);
     eventually("a coordinator leader", Duration::from_secs(20), || async {
         status(&co).await.is_leader.then_some(())
     })
@@ -110,19 +71,23 @@ async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_wr
         )
         .await;
     let mut checkers = vec![
-        checker(&sys, "hc-a"),
-        checker(&sys, "hc-b"),
-        checker(&sys, "hc-c"),
+        sys.start_service("redmesh-health-checker", "hc-a", &[]),
+        sys.start_service("redmesh-health-checker", "hc-b", &[]),
+        sys.start_service("redmesh-health-checker", "hc-c", &[]),
     ];
     // The first leader dies right after promoting, before replacing.
-    let first = coordinator(&sys, "co-1", &["--test-exit-after-promotion"]);
+    let first = sys.start_service(
+        "redmesh-coordinator",
+        "co-1",
+        &["--test-exit-after-promotion"],
+    );
     let st = eventually("a coordinator leader", Duration::from_secs(20), || async {
         let st = status(&first).await;
         st.is_leader.then_some(st)
     })
     .await;
     assert_eq!(st.leader_id, "co-1");
-    let standby = coordinator(&sys, "co-2", &[]);
+    let standby = sys.start_service("redmesh-coordinator", "co-2", &[]);
     let st = status(&standby).await;
     assert!(!st.is_leader && st.leader_id == "co-1", "{st:?}");
 

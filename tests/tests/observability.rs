@@ -6,13 +6,14 @@
 //! dashboard panel without data fails the test.
 
 use std::collections::BTreeSet;
+use std::future::ready;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redmesh_api::v1;
-use redmesh_e2e::harness::raw_exchange;
+use redmesh_e2e::harness::{eventually, raw_exchange};
 use redmesh_e2e::{free_port, Child, Service, System};
 
 fn repo() -> PathBuf {
@@ -20,32 +21,6 @@ fn repo() -> PathBuf {
         .parent()
         .expect("repository root")
         .to_owned()
-}
-
-fn service(sys: &System, binary: &str, id: &str) -> Service {
-    Service::start(
-        binary,
-        "--listen",
-        &[
-            "--etcd".into(),
-            sys.etcd.endpoint.clone(),
-            "--id".into(),
-            id.into(),
-        ],
-    )
-}
-
-/// Polls `check` every 100 ms until it succeeds; after `secs` seconds
-/// fails the test with `what` and the last reason `check` gave.
-async fn until<T>(what: &str, secs: u64, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match check() {
-            Ok(v) => return v,
-            Err(why) if Instant::now() >= deadline => panic!("{what} within {secs} s: {why}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
 }
 
 /// `GET path` on `addr` (HTTP/1.0, so the body ends with the connection).
@@ -142,11 +117,11 @@ async fn dashboards_and_alert_rules_query_what_the_services_export() {
         )
         .await;
     let checkers = [
-        service(&sys, "redmesh-health-checker", "hc-a"),
-        service(&sys, "redmesh-health-checker", "hc-b"),
-        service(&sys, "redmesh-health-checker", "hc-c"),
+        sys.start_service("redmesh-health-checker", "hc-a", &[]),
+        sys.start_service("redmesh-health-checker", "hc-b", &[]),
+        sys.start_service("redmesh-health-checker", "hc-c", &[]),
     ];
-    let co = service(&sys, "redmesh-coordinator", "co-1");
+    let co = sys.start_service("redmesh-coordinator", "co-1", &[]);
     // (A placeholder so far: health, reflection and metrics only.)
     let migrator = Service::start("redmesh-migrator", "--listen", &[]);
 
@@ -220,14 +195,19 @@ async fn dashboards_and_alert_rules_query_what_the_services_export() {
         .unwrap()
         .kill();
     // The failover histogram appears with the first promotion.
-    until(&format!("a failover of {victim}"), 30, || {
+    let failed_over = || -> Result<(), String> {
         let text = http_get(&co.metrics, "/metrics")?;
         if text.contains("redmesh_coordinator_failover_duration_seconds_count") {
             Ok(())
         } else {
             Err(co.log())
         }
-    })
+    };
+    eventually(
+        &format!("a failover of {victim}"),
+        Duration::from_secs(30),
+        || ready(failed_over()),
+    )
     .await;
     // And traffic after it, on the proxies that survive (a series only
     // the victim exported may never have been scraped).
@@ -252,7 +232,7 @@ async fn dashboards_and_alert_rules_query_what_the_services_export() {
             .and_then(|v| v.parse::<f64>().ok())
             .ok_or_else(|| format!("no value for {expr}"))
     };
-    until("Prometheus scraping every service", 60, || {
+    let mut scraped = || -> Result<(), String> {
         if prom.exited() {
             panic!("prometheus exited:\n{}", prom.log_tail());
         }
@@ -264,7 +244,12 @@ async fn dashboards_and_alert_rules_query_what_the_services_export() {
         } else {
             Err(format!("{up} up, {scrapes} scrapes"))
         }
-    })
+    };
+    eventually(
+        "Prometheus scraping every service",
+        Duration::from_secs(60),
+        || ready(scraped()),
+    )
     .await;
 
     // Every metric the rules and dashboards name is exported.
@@ -307,7 +292,7 @@ async fn dashboards_and_alert_rules_query_what_the_services_export() {
     );
 
     // Every rule evaluates without error.
-    until("every alert rule evaluating", 20, || {
+    let rules_ok = || -> Result<(), String> {
         let body = http_get(&web, "/api/v1/rules")?;
         let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
         let bad: Vec<String> = v["data"]["groups"]
@@ -323,21 +308,27 @@ async fn dashboards_and_alert_rules_query_what_the_services_export() {
         } else {
             Err(bad.join("\n"))
         }
-    })
+    };
+    eventually(
+        "every alert rule evaluating",
+        Duration::from_secs(20),
+        || ready(rules_ok()),
+    )
     .await;
 
     // Every dashboard query returns data from this system (an invalid
     // expression fails at once).
     for (file, title, expr) in &queries {
         let promql = expr.replace("$__rate_interval", "1m");
-        until(
+        let has_data = || match query(&promql) {
+            Ok(r) if r.as_array().is_some_and(|a| !a.is_empty()) => Ok(()),
+            Ok(_) => Err(format!("no data: {promql}")),
+            Err(e) => panic!("{file}: panel {title:?}: {promql}: {e}"),
+        };
+        eventually(
             &format!("{file}: data for panel {title:?}"),
-            20,
-            || match query(&promql) {
-                Ok(r) if r.as_array().is_some_and(|a| !a.is_empty()) => Ok(()),
-                Ok(_) => Err(format!("no data: {promql}")),
-                Err(e) => panic!("{file}: panel {title:?}: {promql}: {e}"),
-            },
+            Duration::from_secs(20),
+            || ready(has_data()),
         )
         .await;
     }

@@ -3,8 +3,9 @@
 //! proxies trace sampled commands with their result. An in-process OTLP
 //! receiver collects what the processes export.
 
+use std::future::ready;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -14,7 +15,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use redmesh_api::v1;
-use redmesh_e2e::harness::raw_exchange;
+use redmesh_e2e::harness::{eventually, raw_exchange};
 use redmesh_e2e::{bin_path, free_port, Etcd, Service, System};
 use tonic::{Request, Response, Status};
 
@@ -104,18 +105,11 @@ impl Receiver {
 
     /// Waits until `found` picks what it needs from the spans received.
     async fn until<T>(&self, what: &str, mut found: impl FnMut(&[Received]) -> Option<T>) -> T {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        eventually(what, Duration::from_secs(20), || {
             let spans = self.spans.lock().expect("lock").clone();
-            if let Some(v) = found(&spans) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what} not received; got: {spans:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            ready(found(&spans).ok_or_else(|| format!("got: {spans:#?}")))
+        })
+        .await
     }
 }
 
