@@ -48,8 +48,24 @@ impl Service {
         args: &[String],
         env: &[(&str, &str)],
     ) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
         let addr = format!("127.0.0.1:{}", free_port());
+        Self::start_full(binary, listen_flag, &addr, args, env)
+    }
+
+    /// [`Service::start`] on a given address.
+    pub fn start_at(binary: &str, listen_flag: &str, addr: &str, args: &[String]) -> Self {
+        Self::start_full(binary, listen_flag, addr, args, &[])
+    }
+
+    fn start_full(
+        binary: &str,
+        listen_flag: &str,
+        addr: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr = addr.to_owned();
         let metrics = format!("127.0.0.1:{}", free_port());
         let mut args = args.to_vec();
         args.extend(["--metrics-listen".to_owned(), metrics.clone()]);
@@ -281,6 +297,8 @@ pub struct System {
     pub broker: Service,
     /// Proxies, alternating between hosts `host-a` and `host-b`.
     pub proxies: Vec<ProxyNode>,
+    /// Where the broker expects the migrator (see [`System::start_migrator`]).
+    pub migrator_addr: String,
 }
 
 impl std::fmt::Debug for System {
@@ -301,10 +319,16 @@ impl System {
     /// [`System::start`] with extra environment for the broker and proxies.
     pub fn start_env(n: usize, env: &[(&str, &str)]) -> Self {
         let etcd = Etcd::start();
+        let migrator_addr = format!("127.0.0.1:{}", free_port());
         let broker = Service::start_env(
             "redmesh-broker",
             "--listen",
-            &["--etcd".into(), etcd.endpoint.clone()],
+            &[
+                "--etcd".into(),
+                etcd.endpoint.clone(),
+                "--migrator".into(),
+                migrator_addr.clone(),
+            ],
             env,
         );
         let mut proxies = Vec::new();
@@ -333,7 +357,22 @@ impl System {
             etcd,
             broker,
             proxies,
+            migrator_addr,
         }
+    }
+
+    /// Starts a migrator at the address the broker forwards scale
+    /// requests to (one at a time there; standbys use
+    /// [`System::start_service`]).
+    pub fn start_migrator(&self, id: &str, extra: &[&str]) -> Service {
+        let mut args = vec![
+            "--etcd".to_owned(),
+            self.etcd.endpoint.clone(),
+            "--id".to_owned(),
+            id.to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Service::start_at("redmesh-migrator", "--listen", &self.migrator_addr, &args)
     }
 
     /// Starts a control-plane service (`redmesh-coordinator`,
@@ -436,7 +475,7 @@ impl System {
             let mut admin = p.admin_client().await;
             loop {
                 let info = admin
-                    .get_info(v1::GetInfoRequest {})
+                    .get_info(v1::GetInfoRequest::default())
                     .await
                     .unwrap()
                     .into_inner();

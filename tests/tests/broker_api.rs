@@ -183,8 +183,8 @@ async fn bad_requests_get_precise_errors() {
             ..Default::default()
         })
         .await,
-        Code::Unimplemented,
-        "migration",
+        Code::Unavailable,
+        "migrator",
     );
     assert_status(
         b.update_cluster_config(v1::UpdateClusterConfigRequest {

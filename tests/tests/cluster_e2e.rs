@@ -257,7 +257,7 @@ async fn topology_changes_reach_every_proxy_quickly() {
         for (p, admin) in members.iter().zip(admins.iter_mut()) {
             loop {
                 let info = admin
-                    .get_info(v1::GetInfoRequest {})
+                    .get_info(v1::GetInfoRequest::default())
                     .await
                     .unwrap()
                     .into_inner();

@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prost::Message;
 use redmesh_model::{
     Address, Chunk, ClientMode, Cluster, ClusterConfig, ClusterName, ClusterTask, ClusterTaskKind,
-    Compression, Durability, HostName, ModelError, NodeRef, Proxy, ProxyId, ProxySpec, ProxyState,
-    ProxyView, Shard, SlotAssignment, SlotMigration, SlotRange,
+    Compression, Durability, HostName, MigrationStage, ModelError, NodeRef, Proxy, ProxyId,
+    ProxySpec, ProxyState, ProxyView, Shard, SlotAssignment, SlotMigration, SlotRange,
 };
 use tonic::{Code, Status};
 
@@ -311,6 +311,11 @@ impl From<&Cluster> for v1::Cluster {
                     migration: a.migration.as_ref().map(|m| v1::SlotMigration {
                         target_shard_id: m.target_shard,
                         task_id: m.task_id.clone(),
+                        stage: match m.stage {
+                            MigrationStage::Prepare => v1::MigrationStage::Prepare,
+                            MigrationStage::Move => v1::MigrationStage::Move,
+                            MigrationStage::Commit => v1::MigrationStage::Commit,
+                        } as i32,
                     }),
                 })
                 .collect(),
@@ -362,20 +367,32 @@ impl TryFrom<&v1::Cluster> for Cluster {
                 })
             })
             .collect::<Result<_, ModelError>>()?;
-        let slots = c
-            .slots
-            .iter()
-            .map(|a| {
-                Ok(SlotAssignment {
-                    range: slot_range(a.range.as_ref(), "slots.range")?,
-                    shard: a.shard_id,
-                    migration: a.migration.as_ref().map(|m| SlotMigration {
-                        target_shard: m.target_shard_id,
-                        task_id: m.task_id.clone(),
-                    }),
+        let slots =
+            c.slots
+                .iter()
+                .map(|a| {
+                    Ok(SlotAssignment {
+                        range: slot_range(a.range.as_ref(), "slots.range")?,
+                        shard: a.shard_id,
+                        migration: a
+                            .migration
+                            .as_ref()
+                            .map(|m| {
+                                Ok::<_, ModelError>(SlotMigration {
+                                    target_shard: m.target_shard_id,
+                                    task_id: m.task_id.clone(),
+                                    stage: match enum_value("slots.migration.stage", m.stage)? {
+                                        v1::MigrationStage::Prepare => MigrationStage::Prepare,
+                                        v1::MigrationStage::Unspecified
+                                        | v1::MigrationStage::Move => MigrationStage::Move,
+                                        v1::MigrationStage::Commit => MigrationStage::Commit,
+                                    },
+                                })
+                            })
+                            .transpose()?,
+                    })
                 })
-            })
-            .collect::<Result<_, ModelError>>()?;
+                .collect::<Result<_, ModelError>>()?;
         let task = c.task.as_ref().map_or(Ok(ClusterTask::default()), |t| {
             Ok::<_, ModelError>(ClusterTask {
                 kind: match enum_value("task.kind", t.kind)? {

@@ -47,6 +47,20 @@ pub struct Chunk {
     pub proxies: [ProxyId; 2],
 }
 
+/// Step of an in-flight slot move (DESIGN.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MigrationStage {
+    /// The destination accepts `ASKING`; the source serves as before.
+    Prepare,
+    /// The source serves the keys it holds and sends the rest to the
+    /// destination with `-ASK`; keys are being copied.
+    #[default]
+    Move,
+    /// All keys are at the destination, which owns the slots; the source
+    /// still answers `-ASK` until it hears of the final state.
+    Commit,
+}
+
 /// An in-flight move of a slot range.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotMigration {
@@ -54,6 +68,8 @@ pub struct SlotMigration {
     pub target_shard: ShardId,
     /// Migration task.
     pub task_id: String,
+    /// Step of the move.
+    pub stage: MigrationStage,
 }
 
 /// Ownership of a slot range.

@@ -7,13 +7,14 @@ mod cluster;
 pub mod failover;
 mod names;
 mod proxy;
+pub mod scale;
 pub mod slots;
 
 pub use allocate::pick_chunks;
 pub use cluster::{
     node_id, password_digest, Chunk, ClientMode, Cluster, ClusterConfig, ClusterTask,
-    ClusterTaskKind, Compression, Durability, NodeRef, NodeRole, ProxyView, Shard, ShardId,
-    SlotAssignment, SlotMigration, NODES_PER_CHUNK,
+    ClusterTaskKind, Compression, Durability, MigrationStage, NodeRef, NodeRole, ProxyView, Shard,
+    ShardId, SlotAssignment, SlotMigration, NODES_PER_CHUNK,
 };
 pub use names::{Address, ClusterName, HostName, ProxyId};
 pub use proxy::{Proxy, ProxySpec, ProxyState};

@@ -74,6 +74,11 @@ impl Keys {
         format!("{}/events/{id}", self.root)
     }
 
+    /// Prefix of every migration task.
+    pub fn all_migrations(&self) -> String {
+        format!("{}/migrations/", self.root)
+    }
+
     /// Prefix of a cluster's migration tasks.
     pub fn migrations(&self, cluster: &str) -> String {
         format!("{}/migrations/{cluster}/", self.root)

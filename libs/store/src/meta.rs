@@ -71,6 +71,9 @@ pub struct Change {
     pub put_clusters: Vec<Cluster>,
     /// Clusters to delete.
     pub delete_clusters: Vec<ClusterName>,
+    /// Other records written in the same transaction (e.g. a migration
+    /// task), as key and encoded value.
+    pub put_raw: Vec<(String, Bytes)>,
 }
 
 impl Change {
@@ -80,6 +83,7 @@ impl Change {
             && self.delete_proxies.is_empty()
             && self.put_clusters.is_empty()
             && self.delete_clusters.is_empty()
+            && self.put_raw.is_empty()
     }
 }
 
@@ -232,6 +236,9 @@ impl MetaRepo {
             }
             for name in &change.delete_clusters {
                 success.push(Op::delete(self.keys.cluster(name.as_str())));
+            }
+            for (key, value) in change.put_raw {
+                success.push(Op::put(key, value));
             }
             // On failure, read the guards back to tell a lost race from a lost guard.
             let failure = guards.iter().map(|g| Op::get(&g.key)).collect();

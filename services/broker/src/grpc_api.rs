@@ -28,6 +28,9 @@ type StatusStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'st
 pub(crate) struct Api {
     pub ops: Ops,
     pub index: Index,
+    /// Scale requests are the migrator's to plan and run.
+    pub migrator:
+        v1::migrator_client::MigratorClient<redmesh_runtime::trace_context::TracedChannel>,
     pub shutdown: CancellationToken,
 }
 
@@ -170,13 +173,33 @@ impl Broker for Api {
         &self,
         req: Request<v1::ScaleClusterRequest>,
     ) -> Result<Response<v1::ScaleClusterResponse>, Status> {
-        let name = cluster_name(&req.get_ref().name)?;
-        crate::ops::check_node_count(req.get_ref().node_count).map_err(invalid)?;
+        let req = req.into_inner();
+        let name = cluster_name(&req.name)?;
+        crate::ops::check_node_count(req.node_count).map_err(invalid)?;
         // Validate that the cluster exists so the error is the precise one.
         self.ops.get_cluster(&name).await.map_err(status)?;
-        Err(Status::unimplemented(
-            "scaling clusters (live slot migration) is not supported by this version of redmesh",
-        ))
+        let started = self
+            .migrator
+            .clone()
+            .start_migration(v1::StartMigrationRequest {
+                cluster: name.to_string(),
+                node_count: req.node_count,
+                dry_run: req.dry_run,
+                rate: req.rate,
+            })
+            .await
+            .map_err(|e| match e.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown => Status::unavailable(format!(
+                    "the migrator, which runs scale tasks, is unreachable: {}",
+                    e.message()
+                )),
+                _ => e,
+            })?
+            .into_inner();
+        Ok(Response::new(v1::ScaleClusterResponse {
+            plan: started.plan,
+            task_id: started.task.map(|t| t.id).unwrap_or_default(),
+        }))
     }
 
     async fn update_cluster_config(

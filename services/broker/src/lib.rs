@@ -31,6 +31,13 @@ pub struct Config {
     /// gRPC listen address.
     #[arg(long, env = "REDMESH_BROKER_LISTEN", default_value = "127.0.0.1:7400")]
     pub listen: String,
+    /// Migrator that runs scale tasks (`ScaleCluster` forwards to it).
+    #[arg(
+        long,
+        env = "REDMESH_BROKER_MIGRATOR",
+        default_value = "127.0.0.1:7420"
+    )]
+    pub migrator: String,
     /// Where the metadata lives.
     #[command(flatten)]
     pub etcd: EtcdArgs,
@@ -48,7 +55,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .context("configuring the etcd client")?;
     let listener = grpc::bind(&config.listen).await?;
     tracing::info!(listen = %config.listen, etcd = ?config.etcd.endpoints, "broker serving");
-    serve(store, config.etcd.keys(), listener, shutdown).await
+    serve(
+        store,
+        config.etcd.keys(),
+        listener,
+        &config.migrator,
+        shutdown,
+    )
+    .await
 }
 
 /// Serves the broker API on `listener` over `store`; used by `run` and by
@@ -57,14 +71,22 @@ pub async fn serve(
     store: Arc<dyn MetaStore>,
     keys: redmesh_store::Keys,
     listener: tokio::net::TcpListener,
+    migrator: &str,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let migrator = tonic::transport::Endpoint::from_shared(format!("http://{migrator}"))
+        .with_context(|| format!("invalid --migrator address {migrator:?}"))?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy();
     let repo = MetaRepo::new(store, keys);
     let index = Index::new(repo.clone());
     let index_task = tokio::spawn(index.clone().run(shutdown.clone()));
     let api = grpc_api::Api {
         ops: Ops::new(repo),
         index,
+        migrator: redmesh_api::v1::migrator_client::MigratorClient::new(
+            redmesh_runtime::trace_context::traced(migrator),
+        ),
         shutdown: shutdown.clone(),
     };
     let mut routes = RoutesBuilder::default();

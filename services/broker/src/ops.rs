@@ -9,12 +9,11 @@ use std::time::SystemTime;
 
 use redmesh_model::{
     pick_chunks, ClientMode, Cluster, ClusterConfig, ClusterName, Compression, Durability,
-    ModelError, Proxy, ProxyId, ProxySpec, ProxyState, NODES_PER_CHUNK, SLOT_COUNT,
+    ModelError, Proxy, ProxyId, ProxySpec, ProxyState,
 };
 use redmesh_store::{Change, MetaError, MetaRepo, Snapshot};
 
-/// Largest cluster: every master needs at least one slot.
-pub const MAX_NODE_COUNT: u32 = SLOT_COUNT as u32;
+pub use redmesh_model::scale::{check_node_count, MAX_NODE_COUNT};
 
 /// Changes to a cluster's settings; `None` leaves a field alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -37,23 +36,6 @@ pub struct ConfigPatch {
 #[derive(Debug, Clone)]
 pub struct Ops {
     repo: MetaRepo,
-}
-
-/// Checks a node count: a positive multiple of 4, not absurdly large.
-pub fn check_node_count(node_count: u32) -> Result<usize, ModelError> {
-    if node_count == 0 || !node_count.is_multiple_of(NODES_PER_CHUNK) {
-        return Err(ModelError::invalid(
-            "node_count",
-            format!("{node_count} is not a positive multiple of {NODES_PER_CHUNK} (each chunk has 4 Redis nodes)"),
-        ));
-    }
-    if node_count > MAX_NODE_COUNT {
-        return Err(ModelError::invalid(
-            "node_count",
-            format!("{node_count} exceeds the maximum of {MAX_NODE_COUNT}"),
-        ));
-    }
-    Ok((node_count / NODES_PER_CHUNK) as usize)
 }
 
 /// Longest replica confirmation wait a cluster may configure.

@@ -1,15 +1,18 @@
-//! `ProxyAdmin` gRPC service: what the proxy is serving, for operators and
-//! health checks. Data movement (`MigrateBatch`) arrives with live migration.
+//! `ProxyAdmin` gRPC service: what the proxy is serving (for operators,
+//! health checks and the migrator's step confirmations) and `MigrateBatch`,
+//! the data movement of live migration.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use redmesh_api::{convert, v1};
-use redmesh_model::NodeRole;
+use redmesh_model::{NodeRole, SlotRange};
+use redmesh_resp::Frame;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use crate::migrate::{Batch, MigrateError, Mover};
 use crate::nodes::NodeReport;
 use crate::routing::RouteTable;
 use crate::session::Shared;
@@ -23,15 +26,76 @@ pub struct Admin {
     pub(crate) table: watch::Receiver<Arc<RouteTable>>,
     pub(crate) reports: Arc<Mutex<Vec<NodeReport>>>,
     pub(crate) started_at: SystemTime,
+    pub(crate) mover: Arc<Mover>,
+}
+
+/// Longest a request waits for the proxy to reach a topology epoch.
+const EPOCH_WAIT: Duration = Duration::from_secs(10);
+
+impl Admin {
+    /// The table in use once it is at least `epoch` new.
+    async fn table_at(&self, epoch: u64) -> Result<Arc<RouteTable>, Status> {
+        let mut rx = self.table.clone();
+        let waited = tokio::time::timeout(EPOCH_WAIT, async {
+            rx.wait_for(|t| t.epoch >= epoch).await.map(|t| t.clone())
+        })
+        .await;
+        match waited {
+            Ok(Ok(t)) => Ok(t),
+            Ok(Err(_)) => Err(Status::unavailable("the proxy is shutting down")),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "the proxy still serves epoch {} after {} s, not {epoch}",
+                self.table.borrow().epoch,
+                EPOCH_WAIT.as_secs()
+            ))),
+        }
+    }
+}
+
+/// DBSIZE and INFO memory's used_memory of a local node; zeros if unknown.
+async fn node_size(table: &RouteTable, index: usize) -> (u64, u64) {
+    let Ok(c) = &table.serving else {
+        return (0, 0);
+    };
+    let Some(link) = c.nodes.get(index) else {
+        return (0, 0);
+    };
+    let (keys, info) = futures::join!(
+        link.admin().call(&["DBSIZE"]),
+        link.admin().call(&["INFO", "memory"])
+    );
+    let keys = match keys {
+        Ok(Frame::Integer(n)) => n.max(0) as u64,
+        _ => 0,
+    };
+    let memory = info
+        .ok()
+        .and_then(|f| f.as_bytes().cloned())
+        .and_then(|text| {
+            String::from_utf8_lossy(&text)
+                .lines()
+                .find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())
+        })
+        .unwrap_or(0);
+    (keys, memory)
+}
+
+fn migrate_status(e: MigrateError) -> Status {
+    match e {
+        MigrateError::Precondition(m) => Status::failed_precondition(m),
+        MigrateError::Backend(m) => Status::unavailable(m),
+    }
 }
 
 #[tonic::async_trait]
 impl v1::proxy_admin_server::ProxyAdmin for Admin {
     async fn get_info(
         &self,
-        _req: Request<v1::GetInfoRequest>,
+        req: Request<v1::GetInfoRequest>,
     ) -> Result<Response<v1::GetInfoResponse>, Status> {
-        let table = self.table.borrow().clone();
+        let table = self.table_at(req.get_ref().wait_for_epoch).await?;
+        let sizes = futures::join!(node_size(&table, 0), node_size(&table, 1));
+        let sizes = [sizes.0, sizes.1];
         let reports = self
             .reports
             .lock()
@@ -39,7 +103,8 @@ impl v1::proxy_admin_server::ProxyAdmin for Admin {
             .clone();
         let nodes = reports
             .iter()
-            .map(|r| v1::LocalNode {
+            .zip(sizes)
+            .map(|(r, (keys, used_memory_bytes))| v1::LocalNode {
                 address: r.addr.clone(),
                 desired_role: match r.role {
                     NodeRole::Master { .. } => v1::NodeRole::Master,
@@ -49,6 +114,8 @@ impl v1::proxy_admin_server::ProxyAdmin for Admin {
                 master_address: r.master_addr.clone().unwrap_or_default(),
                 applied: r.outcome.is_ok(),
                 error: r.outcome.clone().err().unwrap_or_default(),
+                keys,
+                used_memory_bytes,
             })
             .collect();
         Ok(Response::new(v1::GetInfoResponse {
@@ -71,10 +138,57 @@ impl v1::proxy_admin_server::ProxyAdmin for Admin {
 
     async fn migrate_batch(
         &self,
-        _req: Request<v1::MigrateBatchRequest>,
+        req: Request<v1::MigrateBatchRequest>,
     ) -> Result<Response<v1::MigrateBatchResponse>, Status> {
-        Err(Status::unimplemented(
-            "live slot migration is not supported by this version of redmesh",
-        ))
+        let req = req.into_inner();
+        let range = req
+            .range
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("range: missing"))
+            .and_then(|r| {
+                SlotRange::new(r.start, r.end)
+                    .map_err(|e| Status::invalid_argument(format!("range: {e}")))
+            })?;
+        if req.task_id.is_empty() {
+            return Err(Status::invalid_argument("task_id: empty"));
+        }
+        if !(1..=100_000).contains(&req.max_keys) {
+            return Err(Status::invalid_argument(format!(
+                "max_keys: {} is not in 1..=100000",
+                req.max_keys
+            )));
+        }
+        let table = self.table_at(req.epoch).await?;
+        match &table.serving {
+            Ok(c) if c.name.as_str() == req.cluster => {}
+            Ok(c) => {
+                return Err(Status::failed_precondition(format!(
+                    "this proxy serves cluster {}, not {:?}",
+                    c.name, req.cluster
+                )))
+            }
+            Err(why) => return Err(Status::failed_precondition(why.clone())),
+        }
+        let moved = self
+            .mover
+            .run(
+                table,
+                Batch {
+                    task_id: req.task_id,
+                    range,
+                    cursor: req.cursor,
+                    max_keys: u64::from(req.max_keys),
+                    max_bytes: req.max_bytes,
+                },
+            )
+            .await
+            .map_err(migrate_status)?;
+        Ok(Response::new(v1::MigrateBatchResponse {
+            next_cursor: moved.next_cursor,
+            keys_moved: moved.keys,
+            bytes_moved: moved.bytes,
+            keys_skipped: moved.skipped,
+            keys_scanned: moved.scanned,
+        }))
     }
 }

@@ -24,6 +24,8 @@ pub mod backend;
 pub mod compress;
 pub mod dedicated;
 pub mod link;
+pub mod locks;
+pub mod migrate;
 pub mod nodes;
 pub mod routing;
 pub mod session;
@@ -125,9 +127,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         reply_timeout: config.backend_timeout,
         ..BackendOptions::default()
     };
+    let retired = Arc::new(routing::Retired::default());
     tokio::spawn(reconcile_loop(
         feed.subscribe(),
         table_tx,
+        retired.clone(),
         reports.clone(),
         opts,
         shutdown.clone(),
@@ -146,6 +150,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         feed: feed.clone(),
         fence_after: config.fence_after,
         trace_every: config.trace_every,
+        locks: Arc::default(),
+    });
+    let mover = Arc::new(migrate::Mover {
+        locks: shared.locks.clone(),
+        retired,
+        barrier_epoch: Mutex::new(0),
     });
     let admin = admin::Admin {
         shared: shared.clone(),
@@ -153,6 +163,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         table: table_rx,
         reports,
         started_at: SystemTime::now(),
+        mover,
     };
     let mut routes = RoutesBuilder::default();
     routes.add_service(redmesh_api::v1::proxy_admin_server::ProxyAdminServer::new(
@@ -246,6 +257,7 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 async fn reconcile_loop(
     mut views: watch::Receiver<Option<Arc<ProxyView>>>,
     table_tx: watch::Sender<Arc<RouteTable>>,
+    retired: Arc<routing::Retired>,
     reports_out: Arc<Mutex<Vec<NodeReport>>>,
     opts: BackendOptions,
     shutdown: CancellationToken,
@@ -273,7 +285,8 @@ async fn reconcile_loop(
             continue;
         };
         let Some(proxy) = view.proxy.as_ref() else {
-            table_tx.send_replace(Arc::new(RouteTable::build_unregistered(&view)));
+            let old = table_tx.send_replace(Arc::new(RouteTable::build_unregistered(&view)));
+            retired.retire(&old);
             applied = None;
             continue;
         };
@@ -302,7 +315,8 @@ async fn reconcile_loop(
                 "route table installed"
             );
         }
-        table_tx.send_replace(Arc::new(table));
+        let old = table_tx.send_replace(Arc::new(table));
+        retired.retire(&old);
         applied = Some((plan, reports));
     }
 }

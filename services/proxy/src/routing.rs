@@ -14,8 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use redmesh_model::{
-    node_id, Address, ClientMode, ClusterName, Compression, Durability, NodeRole, ProxyId,
-    ProxyState, ProxyView, Slot, SlotRange, SLOT_COUNT,
+    node_id, Address, ClientMode, ClusterName, Compression, Durability, MigrationStage, NodeRole,
+    ProxyId, ProxyState, ProxyView, Slot, SlotRange, SLOT_COUNT,
 };
 use redmesh_resp::Frame;
 
@@ -33,14 +33,46 @@ pub enum SlotRoute {
     Down,
 }
 
-/// One slot: its owner, and the local node holding a replica of it (for
-/// `READONLY` reads), if any.
+/// One slot: its owner, the local node holding a replica of it (for
+/// `READONLY` reads), and its part in a live migration, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotEntry {
     /// Owner.
     pub route: SlotRoute,
     /// Local node replicating the slot's shard.
     pub replica: Option<u8>,
+    /// This proxy is the migration source: keys it no longer holds are at
+    /// this peer (index into `Serving::peers`; may be this proxy itself).
+    pub migrating: Option<u16>,
+    /// This proxy is the migration destination: after `ASKING` the slot is
+    /// served by this local node.
+    pub importing: Option<u8>,
+}
+
+impl SlotEntry {
+    /// Whether the slot takes part in a migration on this proxy.
+    pub fn moving(&self) -> bool {
+        self.migrating.is_some() || self.importing.is_some()
+    }
+}
+
+/// A slot range this proxy is moving out: what `MigrateBatch` needs.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The slots.
+    pub range: SlotRange,
+    /// Migration task.
+    pub task_id: String,
+    /// Local node holding the keys.
+    pub node: u8,
+    /// Connections to it.
+    pub source: Link,
+    /// Whether the source shard has a replica (to confirm deletions).
+    pub source_has_replica: bool,
+    /// The destination shard's master Redis node.
+    pub target: Link,
+    /// Whether the destination shard has a replica (to confirm copies).
+    pub target_has_replica: bool,
 }
 
 /// Where a request runs.
@@ -87,6 +119,8 @@ pub struct Serving {
     pub node_has_replica: [bool; 2],
     /// Every slot.
     pub slots: Vec<SlotEntry>,
+    /// Ranges being moved out of this proxy.
+    pub outgoing: Vec<Outgoing>,
     /// All proxies of the cluster, sorted by id.
     pub peers: Vec<Peer>,
     /// Index of this proxy in `peers`.
@@ -127,6 +161,44 @@ impl Serving {
     /// Index of the member proxy whose RESP address is `addr`.
     pub fn peer_by_addr(&self, addr: &str) -> Option<usize> {
         self.peers.iter().position(|p| p.addr.as_str() == addr)
+    }
+}
+
+/// Tables replaced by newer ones, watched until everything routed by them
+/// is done (requests hold their table until then): a migration batch must
+/// not copy a key that a request routed without the key locks may still
+/// change.
+#[derive(Debug, Default)]
+pub struct Retired {
+    tables: std::sync::Mutex<Vec<std::sync::Weak<RouteTable>>>,
+}
+
+impl Retired {
+    /// Records a table just replaced.
+    pub fn retire(&self, old: &std::sync::Arc<RouteTable>) {
+        let mut t = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        t.retain(|w| w.strong_count() > 0);
+        t.push(std::sync::Arc::downgrade(old));
+    }
+
+    fn in_use(&self) -> bool {
+        let mut t = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        t.retain(|w| w.strong_count() > 0);
+        !t.is_empty()
+    }
+
+    /// Waits until no retired table is in use; false after `limit`.
+    pub async fn drained(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.in_use() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            // Requests finish in microseconds to milliseconds; this runs
+            // once per migrated range, not per request.
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        true
     }
 }
 
@@ -234,27 +306,77 @@ fn build_serving(
         SlotEntry {
             route: SlotRoute::Down,
             replica: None,
+            migrating: None,
+            importing: None,
         };
         usize::from(SLOT_COUNT)
     ];
+    let mut outgoing = Vec::new();
     for a in &cluster.slots {
         let Some(shard) = cluster.shard(a.shard) else {
             continue;
         };
-        let route = if &shard.master.proxy_id == me {
+        let mut route = if &shard.master.proxy_id == me {
             SlotRoute::Local(shard.master.node_index)
         } else {
             peer_index(&shard.master.proxy_id)
                 .map_or(SlotRoute::Down, |i| SlotRoute::Moved(i as u16))
         };
-        let replica = shard
+        let mut replica = shard
             .replicas
             .iter()
             .find(|r| &r.proxy_id == me)
             .map(|r| r.node_index)
             .filter(|n| node_ready[usize::from(*n)].is_ok());
+        let (mut migrating, mut importing) = (None, None);
+        if let Some((m, target)) = a
+            .migration
+            .as_ref()
+            .and_then(|m| Some((m, cluster.shard(m.target_shard)?)))
+        {
+            let source_here = &shard.master.proxy_id == me;
+            let target_here = &target.master.proxy_id == me;
+            let target_node = target.master.node_index;
+            if m.stage != MigrationStage::Prepare {
+                // A replica may lag behind keys moving in or out: reads go
+                // to the owner while the slots move.
+                replica = None;
+                if source_here {
+                    migrating = peer_index(&target.master.proxy_id).map(|i| i as u16);
+                    let target_addr = if target_here {
+                        proxy.spec.redis_nodes.get(usize::from(target_node))
+                    } else {
+                        view.member(&target.master.proxy_id)
+                            .and_then(|p| p.spec.redis_nodes.get(usize::from(target_node)))
+                    };
+                    if let Some(addr) = target_addr {
+                        outgoing.push(Outgoing {
+                            range: a.range,
+                            task_id: m.task_id.clone(),
+                            node: shard.master.node_index,
+                            source: nodes[usize::from(shard.master.node_index)].clone(),
+                            source_has_replica: !shard.replicas.is_empty(),
+                            target: links.node(addr.as_str()),
+                            target_has_replica: !target.replicas.is_empty(),
+                        });
+                    }
+                }
+            }
+            if target_here {
+                if m.stage == MigrationStage::Commit {
+                    route = SlotRoute::Local(target_node);
+                } else {
+                    importing = Some(target_node);
+                }
+            }
+        }
         for s in a.range.slots() {
-            slots[usize::from(s)] = SlotEntry { route, replica };
+            slots[usize::from(s)] = SlotEntry {
+                route,
+                replica,
+                migrating,
+                importing,
+            };
         }
     }
     let roles = cluster.node_roles(me);
@@ -323,6 +445,7 @@ fn build_serving(
             .then_some(cluster.config.replica_ack_timeout_ms.max(1)),
         node_has_replica,
         slots,
+        outgoing,
         peers,
         me: my_index,
         nodes,

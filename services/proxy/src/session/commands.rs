@@ -156,7 +156,7 @@ pub(super) fn dispatch(
             )),
             s,
         ),
-        _ => route::data(table, s, cmd, req, asking),
+        _ => route::data(shared, table, s, cmd, req, asking),
     }
 }
 

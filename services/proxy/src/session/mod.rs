@@ -62,6 +62,8 @@ pub struct Shared {
     pub fence_after: std::time::Duration,
     /// Trace one command in this many (0: none).
     pub trace_every: u64,
+    /// Key locks of migrating slots.
+    pub locks: Arc<crate::locks::KeyLocks>,
 }
 
 impl Shared {

@@ -333,7 +333,7 @@ pub(super) fn command(
                     s,
                 );
             };
-            let target = match target_for_slot(c, s, slot, false) {
+            let target = match target_for_slot(c, s, slot, false, false) {
                 Ok(t) => t,
                 Err(reply) => return ready(reply, s),
             };

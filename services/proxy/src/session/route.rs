@@ -17,6 +17,7 @@ use super::{
     await_reply, backend_failure, err, known, Dispatch, Pending, ReplyFuture, Session, Shared,
 };
 use crate::compress;
+use crate::locks::KeyLocks;
 use crate::routing::{RouteTable, Serving, SlotRoute, Target};
 
 /// Hops a forwarded request may take following redirects.
@@ -83,20 +84,21 @@ pub(super) fn single_slot(args: &[Bytes], positions: &[usize]) -> Result<Option<
 }
 
 /// Where a command for `slot` runs for this session, or the error reply.
+/// `asking`: the client sent `ASKING` first, so an importing slot is
+/// served here.
 pub(super) fn target_for_slot(
     c: &Serving,
     s: &Session,
     slot: Slot,
     read_only: bool,
+    asking: bool,
 ) -> Result<Target, Frame> {
     let entry = c.slot(slot);
+    if let (true, Some(n)) = (asking, entry.importing) {
+        return local_target(c, slot, n);
+    }
     match entry.route {
-        SlotRoute::Local(n) => match &c.node_ready[usize::from(n)] {
-            Ok(()) => Ok(Target::Local(n)),
-            Err(why) => Err(err(format!(
-                "CLUSTERDOWN slot {slot} is not available: {why}"
-            ))),
-        },
+        SlotRoute::Local(n) => local_target(c, slot, n),
         SlotRoute::Moved(i) => {
             if let (true, true, Some(r)) = (s.readonly, read_only, entry.replica) {
                 return Ok(Target::Local(r));
@@ -114,13 +116,116 @@ pub(super) fn target_for_slot(
     }
 }
 
+fn local_target(c: &Serving, slot: Slot, n: u8) -> Result<Target, Frame> {
+    match &c.node_ready[usize::from(n)] {
+        Ok(()) => Ok(Target::Local(n)),
+        Err(why) => Err(err(format!(
+            "CLUSTERDOWN slot {slot} is not available: {why}"
+        ))),
+    }
+}
+
+/// The reply to a transaction step on a slot being migrated: Redis Cluster
+/// cannot promise a transaction's keys stay on one node then either.
+pub(super) fn tryagain_moving(slot: Slot) -> Frame {
+    err(format!(
+        "TRYAGAIN slot {slot} is being migrated; retry the transaction when it is done"
+    ))
+}
+
+/// How a command runs once its target is known.
+#[derive(Clone)]
+struct Exec {
+    raw: Bytes,
+    proto: Protocol,
+    /// A blocking command (dedicated connection, no reply timeout).
+    blocking: bool,
+    /// `replica_ack`: confirm the write with `WAIT 1 <ms>`.
+    ack: Option<u32>,
+    /// Values in the reply may be compressed.
+    decompress: bool,
+}
+
+impl Exec {
+    /// Whether later requests of the client must wait for this one.
+    fn holds(&self) -> bool {
+        self.blocking || self.ack.is_some()
+    }
+}
+
+/// Sends the command to `target` now and returns its pending reply.
+fn execute(table: &Arc<RouteTable>, target: Target, e: Exec) -> Pending {
+    let Ok(c) = &table.serving else {
+        return Pending::Ready(not_serving(table).to_bytes(e.proto));
+    };
+    let Exec {
+        raw,
+        proto,
+        blocking,
+        ack,
+        decompress,
+    } = e;
+    if blocking || ack.is_some() {
+        let pool = c.link(target).map(|l| l.dedicated(proto).clone());
+        // Non-blocking work keeps the table alive until it is done, so a
+        // migration barrier knows when requests routed by an older table
+        // have finished (see `admin::barrier`).
+        let keep = (!blocking).then(|| table.clone());
+        return Pending::Later(Box::pin(async move {
+            let reply = match pool {
+                Some(pool) => dedicated_call(&pool, raw, blocking, ack, proto).await,
+                None => err("CLUSTERDOWN no connection to the owner").to_bytes(proto),
+            };
+            drop(keep);
+            if decompress {
+                compress::decompress_reply(reply, proto)
+            } else {
+                reply
+            }
+        }));
+    }
+    match target {
+        Target::Local(n) => {
+            let rx = c.nodes[usize::from(n)].shared(proto).send(raw);
+            if !decompress {
+                return Pending::Wait(rx);
+            }
+            Pending::spawn(Box::pin(async move {
+                compress::decompress_reply(await_reply(rx, proto).await, proto)
+            }))
+        }
+        Target::Peer(_) => {
+            let fut = forward(table.clone(), target, raw, proto);
+            Pending::spawn(Box::pin(async move {
+                let reply = fut.await;
+                if decompress {
+                    compress::decompress_reply(reply, proto)
+                } else {
+                    reply
+                }
+            }))
+        }
+    }
+}
+
+/// Waits for a pending reply.
+async fn resolve(p: Pending, proto: Protocol) -> Bytes {
+    match p {
+        Pending::Ready(b) => b,
+        Pending::Wait(rx) => await_reply(rx, proto).await,
+        Pending::Later(f) => f.await,
+        Pending::Spawned(h) => h.await.unwrap_or_else(|_| super::lost_reply(proto)),
+    }
+}
+
 /// Routes a data command.
 pub(super) fn data(
+    shared: &Shared,
     table: &Arc<RouteTable>,
     s: &mut Session,
     cmd: &'static CommandInfo,
     req: &Request,
-    _asking: bool,
+    asking: bool,
 ) -> Dispatch {
     if let Some(why) = refusal(cmd) {
         return ready(err(why), s);
@@ -144,6 +249,7 @@ pub(super) fn data(
         Err(()) => {
             if s.plain(c) && splittable(top_name(cmd)) {
                 return Dispatch::Reply(Pending::spawn(split(
+                    shared,
                     table.clone(),
                     s,
                     cmd,
@@ -157,7 +263,7 @@ pub(super) fn data(
             );
         }
     };
-    let target = match target_for_slot(c, s, slot, cmd.is_readonly()) {
+    let target = match target_for_slot(c, s, slot, cmd.is_readonly(), asking) {
         Ok(t) => t,
         Err(reply) => return ready(reply, s),
     };
@@ -180,54 +286,132 @@ pub(super) fn data(
         }
         _ => None,
     };
-    let req = compress::request(c, top_name(cmd), req);
-    let decompress = c.compression != Compression::None && compress::has_values(top_name(cmd));
-    let proto = s.protocol;
-    if blocks(cmd, args) || ack.is_some() {
+    let exec = Exec {
+        raw: compress::request(c, top_name(cmd), req).raw().clone(),
+        proto: s.protocol,
+        blocking: blocks(cmd, args),
+        ack,
+        decompress: c.compression != Compression::None && compress::has_values(top_name(cmd)),
+    };
+    if let (Some(dst), Target::Local(n)) = (c.slot(slot).migrating, target) {
+        if !asking || c.slot(slot).importing != Some(n) {
+            // The key may have moved: decided under its lock, in order.
+            s.hold = true;
+            let keys = positions
+                .iter()
+                .filter_map(|&p| args.get(p).cloned())
+                .collect();
+            let plain = s.plain(c);
+            let may_block = exec.blocking && matches!(top_name(cmd), "xread" | "xreadgroup");
+            return Dispatch::Reply(Pending::Later(migrating(
+                shared.locks.clone(),
+                table.clone(),
+                Moving {
+                    slot,
+                    node: n,
+                    dst,
+                    keys,
+                    plain,
+                    may_block,
+                },
+                exec,
+            )));
+        }
+    }
+    if exec.holds() {
         // Redis runs nothing else from this client until the reply comes;
         // an acknowledged write likewise holds the client's later requests,
         // so they cannot overtake it on another connection.
         s.hold = true;
-        let pool = c.link(target).map(|l| l.dedicated(proto).clone());
-        let raw = req.raw().clone();
-        let is_blocking = blocks(cmd, args);
-        return Dispatch::Reply(Pending::Later(Box::pin(async move {
-            let reply = match pool {
-                Some(pool) => dedicated_call(&pool, raw, is_blocking, ack, proto).await,
-                None => err("CLUSTERDOWN no connection to the owner").to_bytes(proto),
+    }
+    Dispatch::Reply(execute(table, target, exec))
+}
+
+/// A command on a slot this proxy is migrating out.
+struct Moving {
+    slot: Slot,
+    /// Local node holding the slot's remaining keys.
+    node: u8,
+    /// Peer importing the slot.
+    dst: u16,
+    keys: Vec<Bytes>,
+    /// Forward instead of redirecting.
+    plain: bool,
+    /// A stream read with BLOCK: it may wait for new entries even though
+    /// its keys exist (list and sorted-set pops on existing keys return at
+    /// once).
+    may_block: bool,
+}
+
+/// Serves a command on a migrating slot (DESIGN.md §6): under its keys'
+/// locks, keys all still here run here; keys all gone are the
+/// destination's (`-ASK`, or forwarded with `ASKING` for plain clients);
+/// a mix answers `-TRYAGAIN` until the move of the rest completes.
+fn migrating(locks: Arc<KeyLocks>, table: Arc<RouteTable>, m: Moving, exec: Exec) -> ReplyFuture {
+    Box::pin(async move {
+        let proto = exec.proto;
+        let Ok(c) = &table.serving else {
+            return not_serving(&table).to_bytes(proto);
+        };
+        let mut keys = m.keys;
+        keys.sort_unstable();
+        keys.dedup();
+        let _held = locks.lock(&keys).await;
+        let mut exists = bytes::BytesMut::new();
+        let mut args: Vec<&[u8]> = vec![b"EXISTS"];
+        args.extend(keys.iter().map(|k| k.as_ref()));
+        encode_command(&args, &mut exists);
+        let reply = await_reply(
+            c.nodes[usize::from(m.node)]
+                .shared(proto)
+                .send(exists.freeze()),
+            proto,
+        )
+        .await;
+        let present = match parse_frame(&reply) {
+            Ok(Some((Frame::Integer(n), _))) => n,
+            _ => return reply,
+        };
+        if present == keys.len() as i64 {
+            if m.may_block {
+                // Holding the keys while blocked would stall the move.
+                return err(format!(
+                    "TRYAGAIN slot {} is being migrated; retry the blocking command",
+                    m.slot
+                ))
+                .to_bytes(proto);
+            }
+            return resolve(execute(&table, Target::Local(m.node), exec), proto).await;
+        }
+        if present > 0 {
+            return err("TRYAGAIN Multiple keys request during rehashing of slot").to_bytes(proto);
+        }
+        if m.plain || usize::from(m.dst) == c.me {
+            let reply = if usize::from(m.dst) == c.me {
+                match c.slot(m.slot).importing {
+                    Some(n) => {
+                        resolve(execute(&table, Target::Local(n), exec.clone()), proto).await
+                    }
+                    None => {
+                        err(format!("TRYAGAIN slot {} is being migrated", m.slot)).to_bytes(proto)
+                    }
+                }
+            } else {
+                asking(c, Target::Peer(m.dst), exec.raw.clone(), proto).await
             };
-            if decompress {
+            return if exec.decompress {
                 compress::decompress_reply(reply, proto)
             } else {
                 reply
-            }
-        })));
-    }
-    let pending = match target {
-        Target::Local(n) => {
-            let rx = c.nodes[usize::from(n)]
-                .shared(proto)
-                .send(req.raw().clone());
-            if !decompress {
-                return Dispatch::Reply(Pending::Wait(rx));
-            }
-            Pending::spawn(Box::pin(async move {
-                compress::decompress_reply(await_reply(rx, proto).await, proto)
-            }))
+            };
         }
-        Target::Peer(_) => {
-            let fut = forward(table.clone(), target, req.raw().clone(), proto);
-            Pending::spawn(Box::pin(async move {
-                let reply = fut.await;
-                if decompress {
-                    compress::decompress_reply(reply, proto)
-                } else {
-                    reply
-                }
-            }))
-        }
-    };
-    Dispatch::Reply(pending)
+        err(format!(
+            "ASK {} {}",
+            m.slot,
+            c.peers[usize::from(m.dst)].addr
+        ))
+        .to_bytes(proto)
+    })
 }
 
 /// Whether a command changes data (and so is fenced, and acknowledged
@@ -341,10 +525,22 @@ pub(super) fn forward(
                 return reply;
             };
             let next = if addr == c.peers[c.me].addr.as_str() {
-                // Back to us: our own view must have changed meanwhile.
-                let slot = redirect_slot(&reply);
-                match slot.map(|s| c.slot(s).route) {
-                    Some(SlotRoute::Local(n)) => Target::Local(n),
+                // Back to us: our own view must have changed meanwhile, or
+                // the owner is migrating the slot to us.
+                let Some(entry) = redirect_slot(&reply).map(|s| c.slot(s)) else {
+                    return reply;
+                };
+                match (kind, entry.importing, entry.route) {
+                    ("ASK", Some(n), _) => {
+                        let rx = c.nodes[usize::from(n)].shared(proto).send(raw.clone());
+                        return await_reply(rx, proto).await;
+                    }
+                    // A slot we are migrating out needs its key locks, which
+                    // a forwarded request does not hold: the client retries.
+                    (_, _, SlotRoute::Local(_)) if entry.migrating.is_some() => {
+                        return err("TRYAGAIN the slot is being migrated").to_bytes(proto)
+                    }
+                    (_, _, SlotRoute::Local(n)) => Target::Local(n),
                     _ => return reply,
                 }
             } else {
@@ -634,9 +830,14 @@ fn splittable(top: &str) -> bool {
     matches!(top, "mget" | "mset" | "del" | "unlink" | "exists" | "touch")
 }
 
+/// One slot's part of a split command: reply positions, target, request,
+/// slot and keys.
+type Part = (Vec<usize>, Result<Target, Frame>, Bytes, Slot, Vec<Bytes>);
+
 /// Splits a multi-key command by slot, runs the parts where they belong,
 /// and assembles one reply in the original key order.
 fn split(
+    shared: &Shared,
     table: Arc<RouteTable>,
     s: &Session,
     cmd: &CommandInfo,
@@ -652,7 +853,7 @@ fn split(
     for (i, &p) in positions.iter().enumerate() {
         groups.entry(key_slot(&args[p])).or_default().push((i, p));
     }
-    let mut parts: Vec<(Vec<usize>, Result<Target, Frame>, Bytes)> = Vec::new();
+    let mut parts: Vec<Part> = Vec::new();
     let Ok(c) = &table.serving else {
         return known(not_serving(&table).to_bytes(proto));
     };
@@ -666,11 +867,13 @@ fn split(
         }
         let sub = Request::from_args(&sub);
         let sub = compress::request(c, top, &sub);
-        let target = target_for_slot(c, s, *slot, cmd.is_readonly());
+        let target = target_for_slot(c, s, *slot, cmd.is_readonly(), false);
         parts.push((
             keys.iter().map(|(i, _)| *i).collect(),
             target,
             sub.raw().clone(),
+            *slot,
+            keys.iter().map(|&(_, p)| args[p].clone()).collect(),
         ));
     }
     let decompress = c.compression != Compression::None && top == "mget";
@@ -679,10 +882,29 @@ fn split(
     // Every part is queued now, in order with the client's other requests.
     let (indexes, sent): (Vec<Vec<usize>>, Vec<ReplyFuture>) = parts
         .into_iter()
-        .map(|(indexes, target, raw)| {
-            let fut = match target {
-                Ok(t) => send_one(&table, t, raw, proto),
-                Err(e) => known(e.to_bytes(proto)),
+        .map(|(indexes, target, raw, slot, keys)| {
+            let fut = match (target, c.slot(slot).migrating) {
+                (Ok(Target::Local(node)), Some(dst)) => migrating(
+                    shared.locks.clone(),
+                    table.clone(),
+                    Moving {
+                        slot,
+                        node,
+                        dst,
+                        keys,
+                        plain: true,
+                        may_block: false,
+                    },
+                    Exec {
+                        raw,
+                        proto,
+                        blocking: false,
+                        ack: None,
+                        decompress: false,
+                    },
+                ),
+                (Ok(t), _) => send_one(&table, t, raw, proto),
+                (Err(e), _) => known(e.to_bytes(proto)),
             };
             (indexes, fut)
         })

@@ -16,7 +16,7 @@ use redmesh_resp::command::{flags, CommandInfo};
 use redmesh_resp::{Frame, Protocol, Request};
 
 use super::commands::{ready, top_name};
-use super::route::{single_slot, target_for_slot};
+use super::route::{single_slot, target_for_slot, tryagain_moving};
 use super::{backend_failure, err, Dispatch, Pending, Session};
 use crate::compress;
 use crate::dedicated::{Dedicated, DedicatedPool};
@@ -94,7 +94,10 @@ fn slot_target(
     if s.tx.slot.is_some_and(|t| t != slot) {
         return Err(err("CROSSSLOT Keys in request don't hash to the same slot"));
     }
-    let target = target_for_slot(c, s, slot, false)?;
+    if c.slot(slot).moving() {
+        return Err(tryagain_moving(slot));
+    }
+    let target = target_for_slot(c, s, slot, false, false)?;
     s.tx.slot = Some(slot);
     Ok(Some(target))
 }
@@ -258,9 +261,18 @@ fn exec(table: &Arc<RouteTable>, s: &mut Session) -> Dispatch {
             err(why).to_bytes(proto)
         })));
     }
+    // A slot that started moving since the transaction's keys were checked.
+    if let Some(slot) = tx.slot.filter(|&slot| c.slot(slot).moving()) {
+        return Dispatch::Reply(Pending::Later(Box::pin(async move {
+            if let Some(w) = tx.watch {
+                release(w).await;
+            }
+            tryagain_moving(slot).to_bytes(proto)
+        })));
+    }
     // The transaction's owner; a keyless one runs on a local master.
     let target = match tx.slot {
-        Some(slot) => match target_for_slot(c, s, slot, false) {
+        Some(slot) => match target_for_slot(c, s, slot, false, false) {
             Ok(t) => t,
             Err(reply) => return ready(reply, s),
         },
@@ -297,7 +309,10 @@ fn exec(table: &Arc<RouteTable>, s: &mut Session) -> Dispatch {
     let was_watched = pinned.is_some();
     let decompress = c.compression != Compression::None;
     let queued = tx.queued;
+    // Held until EXEC is done, for the migration barrier (`admin::barrier`).
+    let table = table.clone();
     Dispatch::Reply(Pending::Later(Box::pin(async move {
+        let _table = table;
         let conn = match pinned.as_ref().and_then(take_conn) {
             Some(c) => Ok(c),
             None if was_watched => {

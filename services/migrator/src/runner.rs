@@ -1,0 +1,757 @@
+//! The leader's work: run every active task's step machine (DESIGN.md §6).
+//!
+//! Per slot range: PREPARE (the destination imports; confirmed by its proxy
+//! reaching the epoch) → MOVE (the source migrates; `MigrateBatch` until a
+//! complete SCAN pass finds nothing) → COMMIT (the destination owns;
+//! confirmed) → DONE (the source redirects with MOVED). Every step is
+//! persisted before the next begins and each is idempotent, so a new leader
+//! resumes a task wherever the last one stopped. Cluster changes are guarded
+//! by the leadership, so a deposed leader changes nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use redmesh_api::convert;
+use redmesh_api::v1::{self, MigrationPhase, MigrationState};
+use redmesh_model::scale::Move;
+use redmesh_model::{
+    Chunk, Cluster, ClusterName, ClusterTask, MigrationStage, ModelError, Proxy, ProxyState,
+};
+use redmesh_runtime::backoff::reconnect_delays;
+use redmesh_store::{Change, Leadership, MetaError, MetaRepo};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+
+use crate::plan::{chunk_model, move_model};
+use crate::proxies::ProxyClients;
+use crate::tasks::{terminal, Stored, Tasks};
+
+/// Keys per batch when no rate limits it.
+pub const DEFAULT_BATCH_KEYS: u32 = 1000;
+/// Batches per second a rate limit is split into.
+const BATCHES_PER_SECOND: u64 = 10;
+/// How often progress is persisted while moving.
+const SAVE_EVERY: Duration = Duration::from_millis(250);
+
+/// What the leader needs.
+#[derive(Clone)]
+pub struct Runner {
+    /// Typed metadata.
+    pub repo: MetaRepo,
+    /// Task records.
+    pub tasks: Tasks,
+    /// Proxy admin clients.
+    pub proxies: Arc<ProxyClients>,
+    /// Keys per batch.
+    pub batch_keys: u32,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner").finish_non_exhaustive()
+    }
+}
+
+/// Why a task run stopped early.
+#[derive(Debug)]
+enum Stop {
+    /// Paused, ended, or leadership lost: nothing to do now.
+    Idle,
+    /// A failure worth retrying later.
+    Retry(String),
+    /// Leadership lost.
+    Deposed,
+}
+
+impl From<Status> for Stop {
+    fn from(s: Status) -> Self {
+        Stop::Retry(format!("{}: {}", s.code(), s.message()))
+    }
+}
+
+impl From<MetaError> for Stop {
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::GuardFailed(_) => Stop::Deposed,
+            other => Stop::Retry(other.to_string()),
+        }
+    }
+}
+
+fn now() -> Option<pbjson_types::Timestamp> {
+    Some(convert::timestamp(SystemTime::now()))
+}
+
+fn state(t: &v1::MigrationTask) -> MigrationState {
+    MigrationState::try_from(t.state).unwrap_or(MigrationState::Unspecified)
+}
+
+fn phase(r: &v1::RangeProgress) -> MigrationPhase {
+    MigrationPhase::try_from(r.phase).unwrap_or(MigrationPhase::Queued)
+}
+
+/// Recent rate over a sliding window of samples.
+#[derive(Debug, Default)]
+struct Rate {
+    samples: Vec<(Instant, u64, u64)>,
+}
+
+impl Rate {
+    fn add(&mut self, keys: u64, bytes: u64) -> (f64, f64) {
+        let now = Instant::now();
+        self.samples.push((now, keys, bytes));
+        self.samples
+            .retain(|(t, _, _)| now.duration_since(*t) < Duration::from_secs(5));
+        let first = self.samples.first().map_or(now, |s| s.0);
+        let span = now.duration_since(first).as_secs_f64().max(0.2);
+        let keys: u64 = self.samples.iter().map(|s| s.1).sum();
+        let bytes: u64 = self.samples.iter().map(|s| s.2).sum();
+        (keys as f64 / span, bytes as f64 / span)
+    }
+}
+
+impl Runner {
+    /// Runs active tasks whenever something changes, until `stop`.
+    pub async fn supervise(&self, leadership: &Leadership, stop: CancellationToken) {
+        let mut changes =
+            redmesh_store::changes(self.tasks.store().clone(), self.repo.keys().root());
+        let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            match self.tasks.all().await {
+                Ok(all) => {
+                    export_task_states(&all);
+                    running.retain(|_, h| !h.is_finished());
+                    for s in all {
+                        let st = state(&s.task);
+                        if terminal(s.task.state) || st == MigrationState::Paused {
+                            continue;
+                        }
+                        let key = format!("{}/{}", s.task.cluster, s.task.id);
+                        if running.contains_key(&key) {
+                            continue;
+                        }
+                        let me = self.clone();
+                        let l = leadership.clone();
+                        let stop = stop.child_token();
+                        running.insert(
+                            key,
+                            tokio::spawn(async move {
+                                me.run_task(&l, &s.task.cluster, &s.task.id, stop).await
+                            }),
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list migration tasks"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = changes.changed() => {}
+                // Failed runs are restarted by this tick.
+                _ = retry.tick() => {}
+            }
+        }
+        for (_, h) in running {
+            h.abort();
+        }
+    }
+
+    /// Runs one task until it ends, pauses, or fails for now.
+    async fn run_task(&self, l: &Leadership, cluster: &str, id: &str, stop: CancellationToken) {
+        let mut delays = reconnect_delays(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => return,
+                o = self.drive(l, cluster, id) => o,
+            };
+            match outcome {
+                Ok(()) | Err(Stop::Idle) => return,
+                Err(Stop::Deposed) => {
+                    tracing::warn!(
+                        task = id,
+                        "leadership lost; leaving the task to the next leader"
+                    );
+                    return;
+                }
+                Err(Stop::Retry(why)) => {
+                    tracing::warn!(task = id, cluster, error = %why, "migration step failed; retrying");
+                    let _ = self
+                        .tasks
+                        .modify(cluster, id, |t| {
+                            t.error = why.clone();
+                            Ok(())
+                        })
+                        .await;
+                    let pause = delays.next().unwrap_or(Duration::from_secs(5));
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the task and advances it step by step.
+    async fn drive(&self, l: &Leadership, cluster: &str, id: &str) -> Result<(), Stop> {
+        let mut s = self.tasks.get(cluster, id).await?.ok_or(Stop::Idle)?;
+        let name = ClusterName::parse(cluster)
+            .map_err(|e| Stop::Retry(format!("task of an invalid cluster name: {e}")))?;
+        loop {
+            match state(&s.task) {
+                MigrationState::Pending => {
+                    s.task.state = MigrationState::Running as i32;
+                    self.save(l, &mut s).await?;
+                }
+                MigrationState::Running | MigrationState::Cancelling => {}
+                _ => return Err(Stop::Idle),
+            }
+            if state(&s.task) == MigrationState::Cancelling {
+                self.plan_cancel(l, &name, &mut s).await?;
+            }
+            let Some(i) = s
+                .task
+                .ranges
+                .iter()
+                .position(|r| phase(r) != MigrationPhase::Done)
+            else {
+                return self.finish(l, &name, &mut s).await;
+            };
+            self.step(l, &name, &mut s, i).await?;
+        }
+    }
+
+    /// Persists the task: progress is the runner's, state changes by the
+    /// API (pause, cancel) and the rate are the operator's and kept.
+    async fn save(&self, l: &Leadership, s: &mut Stored) -> Result<(), Stop> {
+        for _ in 0..20 {
+            s.task.updated_at = now();
+            if let Some(rev) = self.tasks.put_if(&s.task, s.revision, &[l.guard()]).await? {
+                s.revision = rev;
+                return Ok(());
+            }
+            let fresh = self
+                .tasks
+                .get(&s.task.cluster, &s.task.id)
+                .await?
+                .ok_or(Stop::Idle)?;
+            let mine = state(&s.task);
+            let theirs = state(&fresh.task);
+            if matches!(theirs, MigrationState::Paused | MigrationState::Cancelling)
+                && !terminal(s.task.state)
+                && mine != MigrationState::Cancelling
+            {
+                s.task.state = fresh.task.state;
+            }
+            s.task.rate = fresh.task.rate;
+            s.revision = fresh.revision;
+        }
+        Err(Stop::Retry("the task record kept changing".into()))
+    }
+
+    /// Commits a cluster change guarded by the leadership; returns the
+    /// epoch it carries.
+    async fn change_cluster(
+        &self,
+        l: &Leadership,
+        name: &ClusterName,
+        f: impl Fn(&Cluster) -> Result<Option<Cluster>, ModelError>,
+    ) -> Result<u64, Stop> {
+        let epoch = self
+            .repo
+            .update_guarded(vec![l.guard()], |snap, epoch| {
+                let c = snap
+                    .clusters
+                    .get(name)
+                    .ok_or_else(|| ModelError::NotFound {
+                        kind: "cluster",
+                        name: name.to_string(),
+                    })?;
+                match f(c)? {
+                    Some(next) if next != *c => Ok((
+                        Change {
+                            put_clusters: vec![next],
+                            ..Change::default()
+                        },
+                        epoch,
+                    )),
+                    _ => Ok((Change::default(), c.epoch)),
+                }
+            })
+            .await?;
+        Ok(epoch)
+    }
+
+    async fn cluster(&self, name: &ClusterName) -> Result<(Cluster, HashMap<String, Proxy>), Stop> {
+        let snap = self.repo.snapshot().await?;
+        let c = snap
+            .clusters
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Stop::Retry(format!("cluster {name} no longer exists")))?;
+        let proxies = snap
+            .proxies
+            .into_iter()
+            .map(|(id, p)| (id.to_string(), p))
+            .collect();
+        Ok((c, proxies))
+    }
+
+    /// Admin address of the proxy mastering `shard`.
+    async fn master_admin(&self, name: &ClusterName, shard: u32) -> Result<(String, String), Stop> {
+        let (c, proxies) = self.cluster(name).await?;
+        let id = c
+            .master_proxy(shard)
+            .ok_or_else(|| Stop::Retry(format!("shard {shard} no longer exists")))?;
+        let p = proxies
+            .get(id.as_str())
+            .ok_or_else(|| Stop::Retry(format!("proxy {id} is not registered")))?;
+        Ok((id.to_string(), p.spec.admin_address.to_string()))
+    }
+
+    /// Waits until the master proxy of `shard` serves `epoch` (it may move
+    /// by failover meanwhile: the address is looked up again each try).
+    async fn confirm(&self, name: &ClusterName, shard: u32, epoch: u64) -> Result<(), Stop> {
+        let (id, addr) = self.master_admin(name, shard).await?;
+        self.proxies.wait_epoch(&addr, epoch).await.map_err(|e| {
+            Stop::Retry(format!(
+                "proxy {id} did not confirm epoch {epoch}: {}",
+                e.message()
+            ))
+        })
+    }
+
+    async fn step(
+        &self,
+        l: &Leadership,
+        name: &ClusterName,
+        s: &mut Stored,
+        i: usize,
+    ) -> Result<(), Stop> {
+        let task_id = s.task.id.clone();
+        let mv = move_model(
+            s.task.ranges[i]
+                .r#move
+                .as_ref()
+                .ok_or_else(|| Stop::Retry("range without a move".into()))?,
+        )
+        .map_err(|e| Stop::Retry(e.to_string()))?;
+        match phase(&s.task.ranges[i]) {
+            MigrationPhase::Unspecified | MigrationPhase::Queued | MigrationPhase::Prepare => {
+                if s.task.ranges[i].phase != MigrationPhase::Prepare as i32 {
+                    s.task.ranges[i].phase = MigrationPhase::Prepare as i32;
+                    self.save(l, s).await?;
+                }
+                let e1 = self
+                    .change_cluster(l, name, |c| {
+                        if moved_already(c, &mv, &task_id) {
+                            return Ok(None);
+                        }
+                        c.begin_move(&mv, &task_id).map(Some)
+                    })
+                    .await?;
+                self.confirm(name, mv.to, e1).await?;
+                self.change_cluster(l, name, |c| match stage_of(c, &mv, &task_id) {
+                    Some(MigrationStage::Prepare) => c
+                        .set_move_stage(mv.range, &task_id, MigrationStage::Move)
+                        .map(Some),
+                    _ => Ok(None),
+                })
+                .await?;
+                let r = &mut s.task.ranges[i];
+                r.phase = MigrationPhase::Move as i32;
+                r.cursor = 0;
+                r.pass = 0;
+                r.pass_keys_moved = 0;
+                r.cursor_proxy_id.clear();
+                self.save(l, s).await
+            }
+            MigrationPhase::Move => {
+                // A crash may have come between a cluster change and the
+                // task record saying so.
+                let (c, _) = self.cluster(name).await?;
+                match stage_of(&c, &mv, &task_id) {
+                    None => {
+                        s.task.ranges[i].phase = MigrationPhase::Done as i32;
+                        return self.save(l, s).await;
+                    }
+                    Some(MigrationStage::Commit) => {
+                        s.task.ranges[i].phase = MigrationPhase::Commit as i32;
+                        return self.save(l, s).await;
+                    }
+                    Some(MigrationStage::Prepare) => {
+                        self.change_cluster(l, name, |c| {
+                            c.set_move_stage(mv.range, &task_id, MigrationStage::Move)
+                                .map(Some)
+                        })
+                        .await?;
+                    }
+                    Some(MigrationStage::Move) => {}
+                }
+                self.move_range(l, name, s, i, &mv).await?;
+                if state(&s.task) == MigrationState::Paused {
+                    return Err(Stop::Idle);
+                }
+                let e3 = self
+                    .change_cluster(l, name, |c| {
+                        if stage_of(c, &mv, &task_id).is_none() {
+                            return Ok(None);
+                        }
+                        c.set_move_stage(mv.range, &task_id, MigrationStage::Commit)
+                            .map(Some)
+                    })
+                    .await?;
+                s.task.ranges[i].phase = MigrationPhase::Commit as i32;
+                self.save(l, s).await?;
+                tracing::debug!(epoch = e3, range = %mv.range, "commit stage written");
+                Ok(())
+            }
+            MigrationPhase::Commit => {
+                let (c, _) = self.cluster(name).await?;
+                if stage_of(&c, &mv, &task_id).is_some() {
+                    self.confirm(name, mv.to, c.epoch).await?;
+                    self.change_cluster(l, name, |c| {
+                        Ok(Some(c.end_move(mv.range, &task_id, true)))
+                    })
+                    .await?;
+                }
+                s.task.ranges[i].phase = MigrationPhase::Done as i32;
+                s.task.error.clear();
+                self.save(l, s).await?;
+                tracing::info!(task = %task_id, range = %mv.range, from = mv.from, to = mv.to, "slot range moved");
+                Ok(())
+            }
+            MigrationPhase::Done => Ok(()),
+        }
+    }
+
+    /// Moves the keys of range `i` until a complete pass finds none.
+    async fn move_range(
+        &self,
+        l: &Leadership,
+        name: &ClusterName,
+        s: &mut Stored,
+        i: usize,
+        mv: &Move,
+    ) -> Result<(), Stop> {
+        let mut rate = Rate::default();
+        let mut last_save = Instant::now();
+        loop {
+            // Operator changes (pause, cancel, rate) are read between batches.
+            if let Some(fresh) = self.tasks.get(&s.task.cluster, &s.task.id).await? {
+                if fresh.revision != s.revision {
+                    s.task.rate = fresh.task.rate;
+                    let theirs = state(&fresh.task);
+                    if theirs == MigrationState::Paused {
+                        s.revision = fresh.revision;
+                        s.task.state = fresh.task.state;
+                        s.task.keys_per_second = 0.0;
+                        s.task.bytes_per_second = 0.0;
+                        return self.save(l, s).await;
+                    }
+                    if theirs == MigrationState::Cancelling {
+                        s.task.state = fresh.task.state;
+                    }
+                    s.revision = fresh.revision;
+                }
+            }
+            let (c, proxies) = self.cluster(name).await?;
+            let src = c
+                .master_proxy(mv.from)
+                .ok_or_else(|| Stop::Retry(format!("shard {} no longer exists", mv.from)))?
+                .to_string();
+            let admin = proxies
+                .get(&src)
+                .map(|p| p.spec.admin_address.to_string())
+                .ok_or_else(|| Stop::Retry(format!("proxy {src} is not registered")))?;
+            {
+                let r = &mut s.task.ranges[i];
+                if r.cursor_proxy_id != src {
+                    // A new source node (failover): its own pass, and the
+                    // old one's result proves nothing about it.
+                    if !r.cursor_proxy_id.is_empty() {
+                        r.pass_keys_moved = r.pass_keys_moved.max(1);
+                    }
+                    r.cursor = 0;
+                    r.cursor_proxy_id = src.clone();
+                }
+            }
+            let limits = s.task.rate.unwrap_or_default();
+            let mut max_keys = u64::from(self.batch_keys);
+            if limits.keys_per_second > 0 {
+                max_keys = max_keys.min((limits.keys_per_second / BATCHES_PER_SECOND).max(1));
+            }
+            let max_bytes = if limits.bytes_per_second > 0 {
+                (limits.bytes_per_second / BATCHES_PER_SECOND).max(1)
+            } else {
+                64 << 20
+            };
+            let started = Instant::now();
+            let mut client = self.proxies.client(&admin)?;
+            let mut req = tonic::Request::new(v1::MigrateBatchRequest {
+                cluster: name.to_string(),
+                task_id: s.task.id.clone(),
+                epoch: c.epoch,
+                range: Some(mv.range.into()),
+                cursor: s.task.ranges[i].cursor,
+                max_keys: max_keys as u32,
+                max_bytes,
+            });
+            req.set_timeout(Duration::from_secs(60));
+            let reply = match client.migrate_batch(req).await {
+                Ok(r) => r.into_inner(),
+                Err(e) if e.code() == Code::FailedPrecondition => {
+                    // The proxy's view lags or moved on: re-read and retry.
+                    return Err(Stop::Retry(format!("proxy {src}: {}", e.message())));
+                }
+                Err(e) => {
+                    return Err(Stop::Retry(format!(
+                        "MigrateBatch on {src}: {}",
+                        e.message()
+                    )))
+                }
+            };
+            metrics::histogram!("redmesh_migrator_batch_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::counter!("redmesh_migrator_keys_moved_total").increment(reply.keys_moved);
+            metrics::counter!("redmesh_migrator_bytes_moved_total").increment(reply.bytes_moved);
+            let (kps, bps) = rate.add(reply.keys_moved, reply.bytes_moved);
+            s.task.keys_per_second = kps;
+            s.task.bytes_per_second = bps;
+            let r = &mut s.task.ranges[i];
+            r.keys_moved += reply.keys_moved;
+            r.bytes_moved += reply.bytes_moved;
+            r.pass_keys_moved += reply.keys_moved;
+            r.cursor = reply.next_cursor;
+            let mut pass_end = false;
+            if reply.next_cursor == 0 {
+                pass_end = true;
+                if r.pass_keys_moved == 0 {
+                    s.task.error.clear();
+                    return self.save(l, s).await;
+                }
+                r.pass += 1;
+                r.pass_keys_moved = 0;
+            }
+            let progress = crate::tasks::progress(&s.task);
+            metrics::gauge!("redmesh_migrator_eta_seconds", "cluster" => name.to_string())
+                .set(progress.eta_seconds.max(0.0));
+            if pass_end || last_save.elapsed() >= SAVE_EVERY {
+                s.task.error.clear();
+                self.save(l, s).await?;
+                last_save = Instant::now();
+            }
+            // Throttle: the batch may not finish sooner than its share of
+            // the rate allows.
+            let mut due = Duration::ZERO;
+            if limits.keys_per_second > 0 {
+                due = due.max(Duration::from_secs_f64(
+                    reply.keys_moved as f64 / limits.keys_per_second as f64,
+                ));
+            }
+            if limits.bytes_per_second > 0 {
+                due = due.max(Duration::from_secs_f64(
+                    reply.bytes_moved as f64 / limits.bytes_per_second as f64,
+                ));
+            }
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+
+    /// On cancel: drop queued moves, abandon a move still preparing, let a
+    /// move in flight finish, then queue the moves back of everything moved.
+    async fn plan_cancel(
+        &self,
+        l: &Leadership,
+        name: &ClusterName,
+        s: &mut Stored,
+    ) -> Result<(), Stop> {
+        if s.task.ranges.iter().any(|r| r.reverse) {
+            return Ok(());
+        }
+        let task_id = s.task.id.clone();
+        let mut changed = false;
+        let mut keep = Vec::new();
+        for r in std::mem::take(&mut s.task.ranges) {
+            match phase(&r) {
+                MigrationPhase::Unspecified | MigrationPhase::Queued => changed = true,
+                MigrationPhase::Prepare => {
+                    if let Some(mv) = r.r#move.as_ref().and_then(|m| move_model(m).ok()) {
+                        self.change_cluster(l, name, |c| {
+                            Ok(Some(c.end_move(mv.range, &task_id, false)))
+                        })
+                        .await?;
+                    }
+                    changed = true;
+                }
+                _ => keep.push(r),
+            }
+        }
+        s.task.ranges = keep;
+        let in_flight = s
+            .task
+            .ranges
+            .iter()
+            .any(|r| phase(r) != MigrationPhase::Done);
+        if !in_flight {
+            let (c, _) = self.cluster(name).await?;
+            let back: Vec<v1::RangeProgress> = s
+                .task
+                .ranges
+                .iter()
+                .rev()
+                .filter_map(|r| {
+                    let m = r.r#move.as_ref()?;
+                    let mv = move_model(m).ok()?;
+                    let back = Move {
+                        range: mv.range,
+                        from: mv.to,
+                        to: mv.from,
+                    };
+                    Some(v1::RangeProgress {
+                        r#move: Some(crate::plan::move_v1(
+                            &c,
+                            &back,
+                            (r.keys_moved, r.bytes_moved),
+                        )),
+                        phase: MigrationPhase::Queued as i32,
+                        reverse: true,
+                        ..v1::RangeProgress::default()
+                    })
+                })
+                .collect();
+            // Even with nothing to move back, mark the plan as made.
+            if back.is_empty() {
+                s.task.ranges.push(v1::RangeProgress {
+                    phase: MigrationPhase::Done as i32,
+                    reverse: true,
+                    ..v1::RangeProgress::default()
+                });
+            }
+            s.task.ranges.extend(back);
+            changed = true;
+        }
+        if changed {
+            self.save(l, s).await?;
+        }
+        Ok(())
+    }
+
+    /// All ranges done: return the leaving chunks (or, after a cancel, the
+    /// added ones) to the pool and end the task, in one transaction.
+    async fn finish(&self, l: &Leadership, name: &ClusterName, s: &mut Stored) -> Result<(), Stop> {
+        let cancelled = state(&s.task) == MigrationState::Cancelling;
+        let leaving: Vec<Chunk> = if cancelled {
+            &s.task.added_chunks
+        } else {
+            &s.task.removed_chunks
+        }
+        .iter()
+        .map(chunk_model)
+        .collect::<Result<_, _>>()
+        .map_err(|e| Stop::Retry(e.to_string()))?;
+        let mut done = s.task.clone();
+        done.state = if cancelled {
+            MigrationState::Cancelled
+        } else {
+            MigrationState::Completed
+        } as i32;
+        done.updated_at = now();
+        done.error.clear();
+        done.keys_per_second = 0.0;
+        done.bytes_per_second = 0.0;
+        let key = self.tasks.key(&done.cluster, &done.id);
+        let value = bytes::Bytes::from(prost::Message::encode_to_vec(&done));
+        let task_id = s.task.id.clone();
+        self.repo
+            .update_guarded(
+                vec![
+                    l.guard(),
+                    redmesh_store::Compare::mod_revision(key.clone(), s.revision),
+                ],
+                |snap, _| {
+                    let c = snap
+                        .clusters
+                        .get(name)
+                        .ok_or_else(|| ModelError::NotFound {
+                            kind: "cluster",
+                            name: name.to_string(),
+                        })?;
+                    let present: Vec<Chunk> = leaving
+                        .iter()
+                        .filter(|ch| c.chunks.contains(ch))
+                        .cloned()
+                        .collect();
+                    let mut next = c.without_chunks(&present)?;
+                    if next.task.id == task_id {
+                        next.task = ClusterTask::default();
+                    }
+                    let freed = present
+                        .iter()
+                        .flat_map(|ch| ch.proxies.iter())
+                        .filter_map(|id| snap.proxies.get(id))
+                        .filter(|p| p.cluster.as_ref() == Some(name))
+                        .map(|p| Proxy {
+                            state: ProxyState::Free,
+                            cluster: None,
+                            ..p.clone()
+                        })
+                        .collect();
+                    Ok((
+                        Change {
+                            put_proxies: freed,
+                            put_clusters: vec![next],
+                            put_raw: vec![(key.clone(), value.clone())],
+                            ..Change::default()
+                        },
+                        (),
+                    ))
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                // The task record changed (an operator call): re-read.
+                MetaError::GuardFailed(k) if k == key => Stop::Retry("task changed".into()),
+                other => Stop::from(other),
+            })?;
+        tracing::info!(task = %s.task.id, cluster = %name, cancelled, "migration task finished");
+        metrics::gauge!("redmesh_migrator_eta_seconds", "cluster" => name.to_string()).set(0.0);
+        s.task = done;
+        Err(Stop::Idle)
+    }
+}
+
+/// Stage of `task`'s move of `mv.range`, if it is still marked.
+fn stage_of(c: &Cluster, mv: &Move, task: &str) -> Option<MigrationStage> {
+    c.slots
+        .iter()
+        .find(|a| a.range.start() <= mv.range.start() && mv.range.start() <= a.range.end())
+        .and_then(|a| a.migration.as_ref())
+        .filter(|m| m.task_id == task)
+        .map(|m| m.stage)
+}
+
+/// Whether the range already belongs to the destination (a repeated step
+/// after the move ended).
+fn moved_already(c: &Cluster, mv: &Move, task: &str) -> bool {
+    stage_of(c, mv, task).is_none()
+        && c.slots
+            .iter()
+            .filter(|a| a.range.start() <= mv.range.end() && mv.range.start() <= a.range.end())
+            .all(|a| a.shard == mv.to && a.migration.is_none())
+}
+
+/// Exports how many tasks are in each state.
+fn export_task_states(all: &[Stored]) {
+    let mut counts: HashMap<i32, u64> = HashMap::new();
+    for s in all {
+        *counts.entry(s.task.state).or_default() += 1;
+    }
+    for st in (1..).map_while(|k| MigrationState::try_from(k).ok()) {
+        metrics::gauge!("redmesh_migrator_tasks", "state" => crate::tasks::state_name(st as i32))
+            .set(counts.get(&(st as i32)).copied().unwrap_or(0) as f64);
+    }
+}
