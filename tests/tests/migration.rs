@@ -145,6 +145,58 @@ fn writers(
         .collect()
 }
 
+/// A client that knows nothing of clusters, on a proxy's plain listener:
+/// it reads preloaded keys and writes and reads back its own while slots
+/// move, and returns (reads, wrong values, errors).
+fn plain_client(
+    addr: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, u64, Vec<String>)> {
+    tokio::spawn(async move {
+        let client = redis::Client::open(format!("redis://{addr}")).unwrap();
+        // The default 500 ms is a latency goal, not correctness: on this
+        // small shared machine a debug build under full load can exceed it.
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(5)));
+        let mut c = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .unwrap();
+        let (mut reads, mut wrong, mut errors) = (0u64, 0u64, Vec::new());
+        let mut i = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            i = (i + 7919) % STRINGS;
+            match c.get::<_, Option<String>>(format!("k:{i}")).await {
+                Ok(v) if v.as_deref() == Some(format!("v{i}").as_str()) => reads += 1,
+                Ok(v) => {
+                    wrong += 1;
+                    errors.push(format!("k:{i} = {v:?}"));
+                }
+                Err(e) => errors.push(format!(
+                    "GET k:{i} (slot {}) at {:?}: {e}",
+                    redmesh_model::key_slot(format!("k:{i}").as_bytes()),
+                    std::time::SystemTime::now()
+                )),
+            }
+            let key = format!("p:{}", i % 300);
+            let r: redis::RedisResult<()> = c.set(&key, i).await;
+            match r.and(c.get::<_, Option<usize>>(&key).await) {
+                Ok(Some(v)) if v == i => reads += 1,
+                Ok(v) => {
+                    wrong += 1;
+                    errors.push(format!("{key} = {v:?}, wrote {i}"));
+                }
+                Err(e) => errors.push(format!(
+                    "SET/GET {key} (slot {}) at {:?}: {e}",
+                    redmesh_model::key_slot(key.as_bytes()),
+                    std::time::SystemTime::now()
+                )),
+            }
+        }
+        (reads, wrong, errors)
+    })
+}
+
 async fn check_ledger(entry: &str, ledger: &Ledger) {
     let mut c = cluster_conn(entry).await;
     let snapshot = ledger.lock().unwrap().clone();
@@ -270,6 +322,7 @@ async fn scale_out_and_in_under_writes_loses_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let ledger: Ledger = Arc::default();
     let jobs = writers(entry.clone(), stop.clone(), ledger.clone());
+    let plain = plain_client(sys.members(&cluster)[1].plain.clone(), stop.clone());
 
     let (_, task) = scale(&sys, "mig", 8, 0).await;
     let done = finished(&m, "mig", &task).await;
@@ -299,9 +352,20 @@ async fn scale_out_and_in_under_writes_loses_nothing() {
     assert_eq!(shrunk.chunks, cluster.chunks);
     assert_eq!(slots_per_shard(&shrunk), vec![8192; 2]);
     stop.store(true, Ordering::Relaxed);
+    let mut write_errors = 0;
     for j in jobs {
-        j.await.unwrap();
+        write_errors += j.await.unwrap();
     }
+    let (reads, wrong, errors) = plain.await.unwrap();
+    assert_eq!(wrong, 0, "plain client saw wrong values: {errors:?}");
+    if !errors.is_empty() {
+        for p in &sys.proxies {
+            eprintln!("==== {}\n{}", p.id, p.log());
+        }
+    }
+    assert!(errors.is_empty(), "plain client saw errors: {errors:?}");
+    assert!(reads > 100, "plain client read only {reads} times");
+    eprintln!("cluster writers: {write_errors} errors; plain client: {reads} reads");
     verify(&entry).await;
     check_ledger(&entry, &ledger).await;
     // The emptied proxies are back in the pool.
