@@ -342,11 +342,19 @@ async fn scale_out_and_in_under_writes_loses_nothing() {
     );
     verify(&entry).await;
 
-    let (_, back) = scale(&sys, "mig", 4, 0).await;
-    let done = finished(&m, "mig", &back).await;
-    assert_eq!(
-        done.task.as_ref().unwrap().state,
-        MigrationState::Completed as i32
+    // Scale in with the CLI, which follows the task to its end.
+    let out = tokio::process::Command::new(redmesh_e2e::bin_path("redmeshctl"))
+        .args(["cluster", "scale", "mig", "4"])
+        .args(["--broker", &sys.broker.url(), "--migrator", &m.url()])
+        .output()
+        .await
+        .expect("run redmeshctl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("completed") && stdout.contains("remove chunk"),
+        "redmeshctl cluster scale: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
     let (shrunk, _) = get_cluster(&sys, "mig").await;
     assert_eq!(shrunk.chunks, cluster.chunks);

@@ -17,6 +17,8 @@ use redmesh_api::v1::{
 };
 use redmesh_runtime::trace_context::{traced, TracedChannel};
 
+mod migration;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "redmeshctl",
@@ -40,6 +42,14 @@ struct Cli {
         default_value = "http://127.0.0.1:7401"
     )]
     coordinator: String,
+    /// Migrator gRPC URL (any migrator: every one answers).
+    #[arg(
+        long,
+        global = true,
+        env = "REDMESH_MIGRATOR",
+        default_value = "http://127.0.0.1:7420"
+    )]
+    migrator: String,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -64,6 +74,9 @@ enum Command {
     /// Ask a health-checker for its verdicts.
     #[command(subcommand)]
     Health(HealthCmd),
+    /// Observe and control slot migrations (scale tasks).
+    #[command(subcommand)]
+    Migration(MigrationCmd),
     /// Print a shell completion script, e.g.
     /// `redmeshctl completion bash > /etc/bash_completion.d/redmeshctl`.
     Completion {
@@ -226,6 +239,78 @@ enum ClusterCmd {
         /// Cluster name.
         name: String,
     },
+    /// Scale a cluster to a number of Redis nodes by moving slots live,
+    /// then follow the migration with a progress bar.
+    Scale {
+        /// Cluster name.
+        name: String,
+        /// Target number of Redis nodes (a multiple of 4).
+        nodes: u32,
+        /// Print the plan only; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        rate: RateArgs,
+        /// Return once the task is started instead of following it.
+        #[arg(long)]
+        detach: bool,
+    },
+}
+
+/// A migration throttle.
+#[derive(Debug, Clone, Args)]
+struct RateArgs {
+    /// Keys moved per second at most (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    rate_keys: u64,
+    /// Bytes moved per second at most (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    rate_bytes: u64,
+}
+
+impl RateArgs {
+    fn to_v1(&self) -> v1::MigrationRate {
+        v1::MigrationRate {
+            keys_per_second: self.rate_keys,
+            bytes_per_second: self.rate_bytes,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrationCmd {
+    /// Show a task (by default the cluster's current or latest one).
+    Get(TaskRef),
+    /// List a cluster's tasks, newest first.
+    List {
+        /// Cluster name.
+        cluster: String,
+    },
+    /// Follow a task with a progress bar until it ends.
+    Watch(TaskRef),
+    /// Stop moving data after the batch in flight.
+    Pause(TaskRef),
+    /// Continue a paused task.
+    Resume(TaskRef),
+    /// Stop a task and move back what it moved.
+    Cancel(TaskRef),
+    /// Change a task's throttle.
+    Rate {
+        #[command(flatten)]
+        task: TaskRef,
+        #[command(flatten)]
+        rate: RateArgs,
+    },
+}
+
+/// A cluster's migration task.
+#[derive(Debug, Clone, Args)]
+struct TaskRef {
+    /// Cluster name.
+    cluster: String,
+    /// Task id; default: the cluster's current (or latest) task.
+    #[arg(long, default_value = "")]
+    task: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -473,6 +558,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Coordinator(cmd) => return coordinator(&cli.coordinator, cli.json, cmd).await,
         Command::Health(cmd) => return health(cli.json, cmd).await,
+        Command::Migration(cmd) => return migration::run(&cli.migrator, cli.json, cmd).await,
         _ => {}
     }
     let streaming = matches!(cli.command, Command::Topology(_));
@@ -645,6 +731,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 println!("{t}");
             }
+            ClusterCmd::Scale {
+                name,
+                nodes,
+                dry_run,
+                rate,
+                detach,
+            } => {
+                let resp = broker
+                    .scale_cluster(v1::ScaleClusterRequest {
+                        name: name.clone(),
+                        node_count: nodes,
+                        dry_run,
+                        rate: Some(rate.to_v1()),
+                    })
+                    .await?
+                    .into_inner();
+                if cli.json {
+                    print_json(&resp)?;
+                } else {
+                    migration::print_plan(&resp.plan.unwrap_or_default());
+                }
+                if resp.task_id.is_empty() {
+                    if !cli.json && !dry_run {
+                        println!("nothing to do: cluster {name} already has {nodes} nodes");
+                    }
+                    return Ok(());
+                }
+                if detach {
+                    if !cli.json {
+                        println!(
+                            "task {} started; follow it with: redmeshctl migration watch {name}",
+                            resp.task_id
+                        );
+                    }
+                    return Ok(());
+                }
+                let task = TaskRef {
+                    cluster: name,
+                    task: resp.task_id,
+                };
+                return migration::run(&cli.migrator, cli.json, MigrationCmd::Watch(task)).await;
+            }
             ClusterCmd::Delete { name } => {
                 let resp = broker
                     .delete_cluster(v1::DeleteClusterRequest { name: name.clone() })
@@ -715,7 +843,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Coordinator(_) | Command::Health(_) | Command::Completion { .. } => {
+        Command::Coordinator(_)
+        | Command::Health(_)
+        | Command::Migration(_)
+        | Command::Completion { .. } => {
             unreachable!("dispatched above")
         }
     }
