@@ -118,5 +118,8 @@ coordinator (7401) fails a dead proxy over to its partner, then replaces it
 with a free one (proxy-3/proxy-4 are free). Watch it with
   $BIN/redmeshctl coordinator status
   $BIN/redmeshctl coordinator events
-The migrator runs as a placeholder (health and reflection only).
+Scaling: the migrator (7420) moves slots live; grow the demo cluster onto
+the free proxies and back with
+  $BIN/redmeshctl cluster scale demo 8
+  $BIN/redmeshctl cluster scale demo 4
 MSG

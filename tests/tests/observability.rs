@@ -122,8 +122,7 @@ async fn dashboards_and_alert_rules_query_what_the_services_export() {
         sys.start_service("redmesh-health-checker", "hc-c", &[]),
     ];
     let co = sys.start_service("redmesh-coordinator", "co-1", &[]);
-    // (A placeholder so far: health, reflection and metrics only.)
-    let migrator = Service::start("redmesh-migrator", "--listen", &[]);
+    let migrator = sys.start_migrator("mg-1", &[]);
 
     // Prometheus scrapes them all every second and evaluates the rules.
     let dir = tempfile::tempdir().expect("tempdir");

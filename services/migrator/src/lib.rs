@@ -65,6 +65,7 @@ fn zero_metrics() {
     metrics::gauge!("redmesh_migrator_leader").set(0.0);
     metrics::counter!("redmesh_migrator_keys_moved_total").increment(0);
     metrics::counter!("redmesh_migrator_bytes_moved_total").increment(0);
+    runner::export_task_states(&[]);
 }
 
 /// Serves until `shutdown`.
@@ -183,5 +184,7 @@ async fn lead_once(
         _ = &mut supervise => Err(anyhow::anyhow!("stopped leading")),
     };
     stop.cancel();
+    // Only the leader reports tasks; a former leader's numbers go stale.
+    runner::export_task_states(&[]);
     outcome
 }

@@ -745,7 +745,7 @@ fn moved_already(c: &Cluster, mv: &Move, task: &str) -> bool {
 }
 
 /// Exports how many tasks are in each state.
-fn export_task_states(all: &[Stored]) {
+pub fn export_task_states(all: &[Stored]) {
     let mut counts: HashMap<i32, u64> = HashMap::new();
     for s in all {
         *counts.entry(s.task.state).or_default() += 1;
