@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use redmesh_api::v1;
 use redmesh_e2e::harness::{eventually, raw_exchange};
-use redmesh_e2e::{free_port, Child, Service, System};
+use redmesh_e2e::{free_port, Child, System};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
