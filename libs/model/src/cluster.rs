@@ -47,6 +47,25 @@ pub struct Chunk {
     pub proxies: [ProxyId; 2],
 }
 
+impl Chunk {
+    /// The chunk's two shards, ids `first` and `first + 1`: each proxy's
+    /// node 0 is a master and its node 1 replicates the partner's master.
+    pub fn shards(&self, first: ShardId) -> [Shard; 2] {
+        let [a, b] = &self.proxies;
+        [(a, b, first), (b, a, first + 1)].map(|(master, replica, id)| Shard {
+            id,
+            master: NodeRef {
+                proxy_id: master.clone(),
+                node_index: 0,
+            },
+            replicas: vec![NodeRef {
+                proxy_id: replica.clone(),
+                node_index: 1,
+            }],
+        })
+    }
+}
+
 /// Step of an in-flight slot move (DESIGN.md §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MigrationStage {
@@ -240,23 +259,11 @@ impl Cluster {
                 "a cluster needs at least one chunk",
             ));
         }
-        let mut shards = Vec::with_capacity(chunks.len() * 2);
-        for chunk in &chunks {
-            let [a, b] = &chunk.proxies;
-            for (master, replica) in [(a, b), (b, a)] {
-                shards.push(Shard {
-                    id: shards.len() as ShardId,
-                    master: NodeRef {
-                        proxy_id: master.clone(),
-                        node_index: 0,
-                    },
-                    replicas: vec![NodeRef {
-                        proxy_id: replica.clone(),
-                        node_index: 1,
-                    }],
-                });
-            }
-        }
+        let shards: Vec<Shard> = chunks
+            .iter()
+            .enumerate()
+            .flat_map(|(i, chunk)| chunk.shards(2 * i as ShardId))
+            .collect();
         let slots = spread_evenly(shards.len())
             .into_iter()
             .zip(&shards)

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use crate::slots::ranges_from_sorted;
 use crate::{
-    Chunk, Cluster, MigrationStage, ModelError, NodeRef, ProxyId, Shard, ShardId, Slot,
-    SlotAssignment, SlotMigration, SlotRange, NODES_PER_CHUNK, SLOT_COUNT,
+    Chunk, Cluster, MigrationStage, ModelError, ProxyId, ShardId, Slot, SlotAssignment,
+    SlotMigration, SlotRange, NODES_PER_CHUNK, SLOT_COUNT,
 };
 
 /// Largest cluster: every master needs at least one slot.
@@ -48,21 +48,8 @@ impl Cluster {
     pub fn with_chunks(&self, chunks: &[Chunk]) -> Result<Cluster, ModelError> {
         let mut c = self.clone();
         for chunk in chunks {
-            let [a, b] = &chunk.proxies;
-            for (master, replica) in [(a, b), (b, a)] {
-                c.shards.push(Shard {
-                    id: c.next_shard_id,
-                    master: NodeRef {
-                        proxy_id: master.clone(),
-                        node_index: 0,
-                    },
-                    replicas: vec![NodeRef {
-                        proxy_id: replica.clone(),
-                        node_index: 1,
-                    }],
-                });
-                c.next_shard_id += 1;
-            }
+            c.shards.extend(chunk.shards(c.next_shard_id));
+            c.next_shard_id += 2;
             c.chunks.push(chunk.clone());
         }
         c.check()?;
