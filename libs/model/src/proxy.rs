@@ -92,6 +92,15 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// The record of this proxy back in the free pool.
+    pub fn freed(&self) -> Proxy {
+        Proxy {
+            state: ProxyState::Free,
+            cluster: None,
+            ..self.clone()
+        }
+    }
+
     /// The proxy's id.
     pub fn id(&self) -> &ProxyId {
         &self.spec.id

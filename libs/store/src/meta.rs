@@ -51,6 +51,14 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A cluster by name, `NotFound` if there is none.
+    pub fn cluster(&self, name: &ClusterName) -> Result<&Cluster, ModelError> {
+        self.clusters.get(name).ok_or_else(|| ModelError::NotFound {
+            kind: "cluster",
+            name: name.to_string(),
+        })
+    }
+
     /// Proxies of a cluster, in chunk order.
     pub fn cluster_proxies(&self, cluster: &Cluster) -> Vec<Proxy> {
         cluster

@@ -255,11 +255,7 @@ impl Ops {
                     .proxies
                     .values()
                     .filter(|p| p.cluster.as_ref() == Some(name))
-                    .map(|p| Proxy {
-                        state: ProxyState::Free,
-                        cluster: None,
-                        ..p.clone()
-                    })
+                    .map(Proxy::freed)
                     .collect();
                 let ids = freed.iter().map(|p| p.id().clone()).collect();
                 Ok((

@@ -223,13 +223,7 @@ pub async fn start(
     let now = convert::timestamp(SystemTime::now());
     let task = repo
         .update(|snap, _epoch| {
-            let cluster = snap
-                .clusters
-                .get(name)
-                .ok_or_else(|| ModelError::NotFound {
-                    kind: "cluster",
-                    name: name.to_string(),
-                })?;
+            let cluster = snap.cluster(name)?;
             let p = plan(snap, cluster, node_count)?;
             if p != first {
                 return Err(ModelError::FailedPrecondition(

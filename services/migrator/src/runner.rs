@@ -15,9 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use redmesh_api::convert;
 use redmesh_api::v1::{self, MigrationPhase, MigrationState};
 use redmesh_model::scale::Move;
-use redmesh_model::{
-    Chunk, Cluster, ClusterName, ClusterTask, MigrationStage, ModelError, Proxy, ProxyState,
-};
+use redmesh_model::{Chunk, Cluster, ClusterName, ClusterTask, MigrationStage, ModelError, Proxy};
 use redmesh_runtime::backoff::reconnect_delays;
 use redmesh_store::{Change, Leadership, MetaError, MetaRepo};
 use tokio_util::sync::CancellationToken;
@@ -261,13 +259,7 @@ impl Runner {
         let epoch = self
             .repo
             .update_guarded(vec![l.guard()], |snap, epoch| {
-                let c = snap
-                    .clusters
-                    .get(name)
-                    .ok_or_else(|| ModelError::NotFound {
-                        kind: "cluster",
-                        name: name.to_string(),
-                    })?;
+                let c = snap.cluster(name)?;
                 match f(c)? {
                     Some(next) if next != *c => Ok((
                         Change {
@@ -673,13 +665,7 @@ impl Runner {
                     redmesh_store::Compare::mod_revision(key.clone(), s.revision),
                 ],
                 |snap, _| {
-                    let c = snap
-                        .clusters
-                        .get(name)
-                        .ok_or_else(|| ModelError::NotFound {
-                            kind: "cluster",
-                            name: name.to_string(),
-                        })?;
+                    let c = snap.cluster(name)?;
                     let present: Vec<Chunk> = leaving
                         .iter()
                         .filter(|ch| c.chunks.contains(ch))
@@ -694,11 +680,7 @@ impl Runner {
                         .flat_map(|ch| ch.proxies.iter())
                         .filter_map(|id| snap.proxies.get(id))
                         .filter(|p| p.cluster.as_ref() == Some(name))
-                        .map(|p| Proxy {
-                            state: ProxyState::Free,
-                            cluster: None,
-                            ..p.clone()
-                        })
+                        .map(Proxy::freed)
                         .collect();
                     Ok((
                         Change {

@@ -81,14 +81,10 @@ impl Tasks {
         }
     }
 
-    /// A cluster's tasks, newest first.
-    pub async fn list(&self, cluster: &str) -> Result<Vec<Stored>, Status> {
-        let listing = self
-            .store
-            .list(&self.keys.migrations(cluster))
-            .await
-            .map_err(store_status)?;
-        let mut out = listing
+    /// Tasks under `prefix`, as stored.
+    async fn under(&self, prefix: &str) -> Result<Vec<Stored>, Status> {
+        let listing = self.store.list(prefix).await.map_err(store_status)?;
+        listing
             .kvs
             .iter()
             .map(|kv| {
@@ -97,7 +93,12 @@ impl Tasks {
                     revision: kv.mod_revision,
                 })
             })
-            .collect::<Result<Vec<_>, Status>>()?;
+            .collect()
+    }
+
+    /// A cluster's tasks, newest first.
+    pub async fn list(&self, cluster: &str) -> Result<Vec<Stored>, Status> {
+        let mut out = self.under(&self.keys.migrations(cluster)).await?;
         out.sort_by_key(|s| {
             std::cmp::Reverse(
                 s.task
@@ -111,18 +112,7 @@ impl Tasks {
 
     /// Every task of every cluster.
     pub async fn all(&self) -> Result<Vec<Stored>, Status> {
-        let prefix = self.keys.all_migrations();
-        let listing = self.store.list(&prefix).await.map_err(store_status)?;
-        listing
-            .kvs
-            .iter()
-            .map(|kv| {
-                Ok(Stored {
-                    task: decode(&kv.key, &kv.value)?,
-                    revision: kv.mod_revision,
-                })
-            })
-            .collect()
+        self.under(&self.keys.all_migrations()).await
     }
 
     /// The task `id`, or with an empty id the cluster's running task (else
