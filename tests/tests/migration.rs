@@ -514,3 +514,294 @@ async fn paused_resumed_restarted_and_cancelled_tasks_keep_every_key() {
     verify(&entry).await;
     drop(m);
 }
+
+/// A key name (prefix plus a number) whose slot one of `plan`'s moves takes.
+fn moving_key(plan: &v1::ScalePlan, prefix: &str) -> String {
+    (0..)
+        .map(|n| format!("{prefix}{n}"))
+        .find(|k| {
+            let slot = u32::from(redmesh_model::key_slot(k.as_bytes()));
+            plan.moves.iter().any(|m| {
+                let r = m.range.unwrap();
+                r.start <= slot && slot <= r.end
+            })
+        })
+        .unwrap()
+}
+
+/// Entries of the slow log of the Redis node at `addr` (commands slower
+/// than the threshold set by the test).
+async fn slow_commands(addr: &str) -> Vec<String> {
+    let mut c = redis::Client::open(format!("redis://{addr}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let log: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(100)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    log.iter()
+        .map(|entry| {
+            // [id, time, microseconds, [command and arguments], ...]
+            let redis::Value::Array(f) = entry else {
+                return format!("{entry:?}");
+            };
+            let cmd = match f.get(3) {
+                Some(redis::Value::Array(args)) => args
+                    .iter()
+                    .take(2)
+                    .map(|a| match a {
+                        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                        other => format!("{other:?}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                _ => String::new(),
+            };
+            format!("{cmd} ({:?} us)", f.get(2))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_collections_move_in_pieces_without_stalling_other_keys() {
+    const FIELDS: usize = 1_000_000;
+    let sys = System::start(4);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("big", 4, v1::ClusterConfig::default())
+        .await;
+    let m = sys.start_migrator("mg-1", &[]);
+    let entry = sys.members(&cluster)[0].resp.clone();
+    let plan = sys
+        .broker()
+        .await
+        .scale_cluster(v1::ScaleClusterRequest {
+            name: "big".into(),
+            node_count: 8,
+            dry_run: true,
+            rate: None,
+        })
+        .await
+        .expect("dry run")
+        .into_inner()
+        .plan
+        .expect("plan");
+
+    // One big key of each type the copy in pieces handles, one stream (it
+    // falls back to DUMP/RESTORE), all in slots that move; written at their
+    // masters directly (fast).
+    let hash = moving_key(&plan, "hash:");
+    let set = moving_key(&plan, "set:");
+    let zset = moving_key(&plan, "zset:");
+    let list = moving_key(&plan, "list:");
+    let string = moving_key(&plan, "string:");
+    let stream = moving_key(&plan, "stream:");
+    let big_string: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    for key in [&hash, &set, &zset, &list, &string, &stream] {
+        let addr = sys.key_master(&cluster, key.as_bytes()).1.addr.clone();
+        let slow =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
+        let mut c = redis::Client::open(format!("redis://{addr}"))
+            .unwrap()
+            .get_multiplexed_async_connection_with_config(&slow)
+            .await
+            .unwrap();
+        let mut pipe = redis::pipe();
+        if key == &hash {
+            for chunk in (0..FIELDS).collect::<Vec<_>>().chunks(1000) {
+                let mut cmd = redis::cmd("HSET");
+                cmd.arg(key);
+                for i in chunk {
+                    cmd.arg(format!("f{i}")).arg(format!("v{i}"));
+                }
+                pipe.add_command(cmd).ignore();
+            }
+        } else if key == &set || key == &zset || key == &list {
+            // (300,000 list entries: a quicklist of 100,000 short ones
+            // would still be under the 1 MiB threshold.)
+            let n = if key == &list { 300_000 } else { 100_000 };
+            for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+                let mut cmd = redis::cmd(match key {
+                    k if k == &set => "SADD",
+                    k if k == &zset => "ZADD",
+                    _ => "RPUSH",
+                });
+                cmd.arg(key);
+                for i in chunk {
+                    if key == &zset {
+                        cmd.arg(*i as f64 / 4.0);
+                    }
+                    cmd.arg(format!("m{i}"));
+                }
+                pipe.add_command(cmd).ignore();
+            }
+        } else if key == &string {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(&big_string)
+                .arg("PX")
+                .arg(600_000)
+                .ignore();
+        } else {
+            for i in 0..20_000 {
+                pipe.cmd("XADD")
+                    .arg(key)
+                    .arg("*")
+                    .arg("n")
+                    .arg(i)
+                    .arg("pad")
+                    .arg("x".repeat(64))
+                    .ignore();
+            }
+            pipe.cmd("XGROUP")
+                .arg("CREATE")
+                .arg(key)
+                .arg("g")
+                .arg("0")
+                .ignore();
+        }
+        let () = pipe.query_async(&mut c).await.unwrap();
+    }
+    // From here on, any command that holds a source node for 100 ms or more
+    // is in its slow log: a single DUMP or RESTORE of the hash would be.
+    let all_nodes: Vec<String> = sys
+        .proxies
+        .iter()
+        .flat_map(|p| p.redis.iter().map(|r| r.addr.clone()))
+        .collect();
+    for addr in &all_nodes {
+        let mut c = redis::Client::open(format!("redis://{addr}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let () = redis::pipe()
+            .cmd("CONFIG")
+            .arg("SET")
+            .arg("slowlog-log-slower-than")
+            .arg(100_000)
+            .ignore()
+            .cmd("SLOWLOG")
+            .arg("RESET")
+            .ignore()
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+
+    // A client of other keys in the moving slots measures its slowest
+    // command; another writes to the hash while it moves.
+    let stop = Arc::new(AtomicBool::new(false));
+    let small: Vec<String> = (0..50)
+        .map(|i| moving_key(&plan, &format!("s{i}:")))
+        .collect();
+    let prober = {
+        let (entry, stop, small) = (entry.clone(), stop.clone(), small.clone());
+        tokio::spawn(async move {
+            let mut c = cluster_conn(&entry).await;
+            let mut slowest = Duration::ZERO;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for k in &small {
+                    let t = std::time::Instant::now();
+                    let () = c.set(k, n).await.unwrap();
+                    let v: u64 = c.get(k).await.unwrap();
+                    assert_eq!(v, n, "{k}");
+                    slowest = slowest.max(t.elapsed() / 2);
+                }
+                n += 1;
+            }
+            (slowest, n)
+        })
+    };
+    let writer = {
+        let (entry, stop, hash) = (entry.clone(), stop.clone(), hash.clone());
+        tokio::spawn(async move {
+            let mut c = redis::cluster::ClusterClient::builder(vec![format!("redis://{entry}")])
+                .retries(30)
+                .response_timeout(Duration::from_secs(60))
+                .build()
+                .unwrap()
+                .get_async_connection()
+                .await
+                .unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let () = c.hset(&hash, format!("new{n}"), n).await.unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+
+    let (_, task) = scale(&sys, "big", 8, 0).await;
+    let done = finished(&m, "big", &task).await;
+    stop.store(true, Ordering::Relaxed);
+    let (slowest, rounds) = prober.await.unwrap();
+    let written = writer.await.unwrap();
+    let t = done.task.clone().unwrap();
+    assert_eq!(t.state, MigrationState::Completed as i32, "{t:?}");
+    assert!(rounds > 0 && written > 0);
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a command on another key took {slowest:?} while the big keys moved"
+    );
+    for addr in &all_nodes {
+        let slow = slow_commands(addr).await;
+        assert!(slow.is_empty(), "node {addr} was blocked: {slow:?}");
+    }
+
+    // Everything arrived whole, with the writes made while it moved.
+    let mut c = cluster_conn(&entry).await;
+    let fields: usize = c.hlen(&hash).await.unwrap();
+    assert_eq!(fields, FIELDS + written as usize, "{hash}");
+    for i in [0, 1, FIELDS / 2, FIELDS - 1] {
+        let v: String = c.hget(&hash, format!("f{i}")).await.unwrap();
+        assert_eq!(v, format!("v{i}"));
+    }
+    let last: u64 = c.hget(&hash, format!("new{}", written - 1)).await.unwrap();
+    assert_eq!(last, written - 1);
+    let members: usize = c.scard(&set).await.unwrap();
+    assert_eq!(members, 100_000);
+    let score: f64 = c.zscore(&zset, "m99999").await.unwrap();
+    assert_eq!(score, 99_999.0 / 4.0);
+    let len: usize = c.llen(&list).await.unwrap();
+    assert_eq!(len, 300_000);
+    let ends: Vec<String> = c.lrange(&list, 0, 1).await.unwrap();
+    assert_eq!(ends, vec!["m0", "m1"]);
+    let mid: Vec<String> = c.lrange(&list, 154_999, 155_000).await.unwrap();
+    assert_eq!(mid, vec!["m154999", "m155000"]);
+    let tail: Vec<String> = c.lrange(&list, -1, -1).await.unwrap();
+    assert_eq!(tail, vec!["m299999"]);
+    let s: Vec<u8> = c.get(&string).await.unwrap();
+    assert!(s == big_string, "the big string changed");
+    let ttl: i64 = c.pttl(&string).await.unwrap();
+    assert!(ttl > 0 && ttl <= 600_000, "{string} lost its TTL: {ttl}");
+    let entries: usize = c.xlen(&stream).await.unwrap();
+    assert_eq!(entries, 20_000);
+    let groups: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&stream)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(groups.len(), 1, "the stream's consumer group");
+    // No temporary copy is left anywhere.
+    for addr in &all_nodes {
+        let mut n = redis::Client::open(format!("redis://{addr}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let left: Vec<String> = redis::cmd("KEYS")
+            .arg("redmesh:migrating:*")
+            .query_async(&mut n)
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "temporary keys left on {addr}: {left:?}");
+    }
+}

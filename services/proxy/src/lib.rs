@@ -95,6 +95,12 @@ pub struct Config {
     /// (fewer cross-thread wake-ups; see docs/PERFORMANCE.md).
     #[arg(long, env = "REDMESH_PROXY_THREADS", default_value_t = 0)]
     pub threads: usize,
+    /// During a migration, keys using more memory than this (bytes, as
+    /// Redis's MEMORY USAGE estimates it) are copied in pieces of 1000
+    /// elements or 512 KiB rather than by one DUMP/RESTORE, so neither
+    /// Redis node is blocked for long by one huge key.
+    #[arg(long, env = "REDMESH_PROXY_MIGRATE_BIG_KEY_BYTES", default_value_t = 1 << 20)]
+    pub migrate_big_key_bytes: u64,
     /// Logging and metrics.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
@@ -156,6 +162,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         locks: shared.locks.clone(),
         retired,
         barrier_epoch: Mutex::new(0),
+        big_key_bytes: config.migrate_big_key_bytes,
     });
     let admin = admin::Admin {
         shared: shared.clone(),
@@ -388,6 +395,9 @@ async fn report_freshness(feed: topology::TopologyFeed, shutdown: CancellationTo
         metrics::counter!("redmesh_proxy_backend_errors_total", "kind" => kind).increment(0);
     }
     metrics::counter!("redmesh_proxy_replica_ack_failures_total").increment(0);
+    for side in ["source", "destination"] {
+        metrics::counter!("redmesh_proxy_migration_unconfirmed_total", "side" => side).increment(0);
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

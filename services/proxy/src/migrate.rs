@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use redmesh_model::{key_slot, SlotRange};
 use redmesh_resp::{encode_command, parse_frame, Frame, Protocol};
+use tokio::task::JoinSet;
 
 use crate::dedicated::{Dedicated, DedicatedPool};
 use crate::link::Link;
@@ -22,6 +23,80 @@ use crate::routing::{Outgoing, Retired, RouteTable};
 
 /// How long `WAIT` gives a replica to confirm a batch.
 const CONFIRM_MS: u32 = 2000;
+
+/// Reads every key in `KEYS` in one call: three entries per key, a kind
+/// ([`KIND_STRING`]: the value follows; [`KIND_DUMP`]: a DUMP payload
+/// follows; [`KIND_BIG`]: the key uses more than `ARGV[1]` bytes and is
+/// copied in pieces instead; 0: gone), the payload, and the PTTL.
+///
+/// Strings travel as values (GET here, SET at the destination): DUMP would
+/// serialize, checksum and try to LZF-compress them, RESTORE undo it all,
+/// for the same result. Sizes are checked only where they can be large: a
+/// `raw` string by its length, a collection not in a compact encoding by
+/// MEMORY USAGE (sampled, so cheap even for a huge one). One call per round
+/// costs the source node much less than several commands per key.
+const READ_SCRIPT: &str = "local out = {}
+local limit = tonumber(ARGV[1])
+for i, k in ipairs(KEYS) do
+  local enc = redis.call('OBJECT', 'ENCODING', k)
+  local kind, payload = 0, false
+  if not enc then
+    kind = 0
+  elseif enc == 'int' or enc == 'embstr' or enc == 'raw' then
+    if enc == 'raw' and redis.call('STRLEN', k) > limit then
+      kind = 3
+    else
+      kind, payload = 1, redis.call('GET', k)
+    end
+  elseif enc == 'listpack' or enc == 'intset' or enc == 'ziplist' then
+    kind, payload = 2, redis.call('DUMP', k)
+  elseif redis.call('MEMORY', 'USAGE', k, 'SAMPLES', '5') > limit then
+    kind = 3
+  else
+    kind, payload = 2, redis.call('DUMP', k)
+  end
+  out[3 * i - 2] = kind
+  out[3 * i - 1] = payload
+  if kind == 1 or kind == 2 then
+    out[3 * i] = redis.call('PTTL', k)
+  else
+    out[3 * i] = -2
+  end
+end
+return out";
+
+/// [`READ_SCRIPT`]: a string value.
+const KIND_STRING: i64 = 1;
+/// [`READ_SCRIPT`]: a DUMP payload.
+const KIND_DUMP: i64 = 2;
+/// [`READ_SCRIPT`]: too big to copy at once.
+const KIND_BIG: i64 = 3;
+
+/// Elements per command when a big collection is copied in pieces.
+const PIECE: u64 = 1000;
+/// Bytes per command when a big string is copied in pieces.
+const PIECE_BYTES: u64 = 512 * 1024;
+/// Temporary keys of piecewise copies are `TEMP_PREFIX<task>:<key>`: a name
+/// no client key is expected to have, and per task, so a retry of the same
+/// task finds (and clears) what an interrupted attempt left.
+const TEMP_PREFIX: &[u8] = b"redmesh:migrating:";
+/// A temporary key expires this long after its last piece, so a copy
+/// abandoned by a crash does not stay behind.
+const TEMP_TTL_MS: u64 = 60_000;
+
+/// How a big key is read in pieces.
+#[derive(Debug, Clone, Copy)]
+enum Piecewise {
+    /// A SCAN-family cursor; `swap` turns (member, score) into (score, member).
+    Scan { swap: bool },
+    /// LRANGE by index.
+    Range,
+    /// GETRANGE by byte offset.
+    Bytes,
+}
+
+/// SCAN rounds moving keys at the same time within one batch.
+const PARALLEL_ROUNDS: usize = 4;
 
 /// Most keys examined per call, as a multiple of the keys asked for: a
 /// source holding few keys of the range still answers promptly.
@@ -66,6 +141,8 @@ pub struct Moved {
     pub skipped: u64,
     /// Keys of the source examined.
     pub scanned: u64,
+    /// Keys left for a copy in pieces (a round's result only).
+    big: Vec<Bytes>,
 }
 
 /// Moves batches for one proxy.
@@ -76,6 +153,8 @@ pub struct Mover {
     pub retired: Arc<Retired>,
     /// Epoch of the table whose barrier has passed.
     pub barrier_epoch: Mutex<u64>,
+    /// Keys using more memory than this are copied in pieces.
+    pub big_key_bytes: u64,
 }
 
 impl std::fmt::Debug for Mover {
@@ -129,7 +208,17 @@ async fn pipeline(conn: &mut Dedicated, reqs: &[Bytes]) -> Result<Vec<Frame>, Mi
 
 impl Mover {
     /// Runs one batch against the table in use.
-    pub async fn run(&self, table: Arc<RouteTable>, b: Batch) -> Result<Moved, MigrateError> {
+    ///
+    /// Each SCAN round's keys move in a task of their own, up to
+    /// [`PARALLEL_ROUNDS`] at once, while the next SCAN runs: a round spends
+    /// most of its time waiting for one node or replica, so rounds in
+    /// parallel keep every node and core busy. Rounds hold disjoint key
+    /// locks (taken in a global order), and each has its own connections.
+    pub async fn run(
+        self: &Arc<Self>,
+        table: Arc<RouteTable>,
+        b: Batch,
+    ) -> Result<Moved, MigrateError> {
         let c = table
             .serving
             .as_ref()
@@ -167,19 +256,21 @@ impl Mover {
         self.barrier(table.epoch, source).await?;
         let source_pool = source.dedicated(Protocol::Resp2).clone();
         let target_pool = out.target.dedicated(Protocol::Resp2).clone();
-        let mut src = connect(&source_pool).await?;
-        let mut dst = connect(&target_pool).await?;
+        let mut scanner = connect(&source_pool).await?;
         let mut moved = Moved {
             next_cursor: b.cursor,
             ..Moved::default()
         };
         let require_confirm = c.replica_ack_ms.is_some();
         let scan_limit = b.max_keys.max(1).saturating_mul(SCAN_FACTOR);
+        let mut claimed = 0u64;
+        let mut rounds = JoinSet::new();
+        let mut failure = None;
         loop {
             let count = b.max_keys.clamp(16, 1000).to_string();
             let cursor = moved.next_cursor.to_string();
             let reply = pipeline(
-                &mut src,
+                &mut scanner,
                 &[cmd(&[
                     b"SCAN",
                     cursor.as_bytes(),
@@ -198,26 +289,42 @@ impl Mover {
             ours.sort_unstable();
             ours.dedup();
             if !ours.is_empty() {
-                let r = self
-                    .move_keys(&out, &mut src, &mut dst, &ours, require_confirm)
-                    .await?;
-                moved.keys += r.keys;
-                moved.bytes += r.bytes;
-                moved.skipped += r.skipped;
+                claimed += ours.len() as u64;
+                let round = Round {
+                    mover: Arc::clone(self),
+                    out: out.clone(),
+                    source: source_pool.clone(),
+                    target: target_pool.clone(),
+                    require_confirm,
+                };
+                rounds.spawn(round.run(ours));
             }
-            if moved.next_cursor == 0
-                || moved.keys >= b.max_keys
+            while rounds.len() >= PARALLEL_ROUNDS && failure.is_none() {
+                if let Some(r) = rounds.join_next().await {
+                    collect(r, &mut moved, &mut failure);
+                }
+            }
+            if failure.is_some()
+                || moved.next_cursor == 0
+                || claimed >= b.max_keys
                 || (b.max_bytes > 0 && moved.bytes >= b.max_bytes)
                 || moved.scanned >= scan_limit
             {
                 break;
             }
         }
-        source_pool.put(src);
-        target_pool.put(dst);
+        while let Some(r) = rounds.join_next().await {
+            collect(r, &mut moved, &mut failure);
+        }
+        source_pool.put(scanner);
         metrics::counter!("redmesh_proxy_migrated_keys_total").increment(moved.keys);
         metrics::counter!("redmesh_proxy_migrated_bytes_total").increment(moved.bytes);
-        Ok(moved)
+        match failure {
+            // The caller keeps its cursor and repeats the batch: keys moved
+            // already are gone from the source, the others move again.
+            Some(e) => Err(e),
+            None => Ok(moved),
+        }
     }
 
     /// Waits until nothing routed by an older table can still reach the
@@ -253,53 +360,97 @@ impl Mover {
         dst: &mut Dedicated,
         keys: &[Bytes],
         require_confirm: bool,
+        big_key_bytes: u64,
     ) -> Result<Moved, MigrateError> {
         let _held = self.locks.lock(keys).await;
-        let mut reqs = Vec::with_capacity(keys.len() * 2);
-        for k in keys {
-            reqs.push(cmd(&[b"DUMP", k]));
-            reqs.push(cmd(&[b"PTTL", k]));
-        }
-        let replies = pipeline(src, &reqs).await?;
-        let mut found: Vec<(&Bytes, Bytes, i64)> = Vec::with_capacity(keys.len());
-        let mut moved = Moved::default();
-        for (k, pair) in keys.iter().zip(replies.chunks(2)) {
-            if let Some(e) = reply_error("DUMP", &pair[0]).or_else(|| reply_error("PTTL", &pair[1]))
-            {
-                return Err(MigrateError::Backend(e));
+        let limit = big_key_bytes.to_string();
+        let numkeys = keys.len().to_string();
+        let mut args: Vec<&[u8]> = Vec::with_capacity(keys.len() + 5);
+        args.extend([b"EVAL".as_ref(), READ_SCRIPT.as_bytes(), numkeys.as_bytes()]);
+        args.extend(keys.iter().map(|k| k.as_ref()));
+        args.push(limit.as_bytes());
+        let reply = pipeline(src, &[cmd(&args)]).await?.swap_remove(0);
+        let entries = match &reply {
+            Frame::Array(items) if items.len() == keys.len() * 3 => items,
+            other => {
+                return Err(MigrateError::Backend(
+                    reply_error("read script", other).unwrap_or_else(|| {
+                        format!("unexpected reply to the read script: {other:?}")
+                    }),
+                ))
             }
-            match (&pair[0], &pair[1]) {
-                (Frame::Bulk(payload), Frame::Integer(ttl)) if *ttl != -2 => {
-                    found.push((k, payload.clone(), (*ttl).max(0)))
+        };
+        let mut found: Vec<(&Bytes, Bytes)> = Vec::with_capacity(keys.len());
+        let mut writes: Vec<Bytes> = Vec::with_capacity(keys.len());
+        let mut moved = Moved::default();
+        for (k, e) in keys.iter().zip(entries.chunks(3)) {
+            match (&e[0], &e[1], &e[2]) {
+                (Frame::Integer(KIND_STRING), Frame::Bulk(value), Frame::Integer(ttl))
+                    if *ttl != -2 =>
+                {
+                    writes.push(match ttl {
+                        // (PTTL 0: expiring this millisecond; PX 0 is refused.)
+                        t if *t >= 0 => {
+                            cmd(&[b"SET", k, value, b"PX", (*t).max(1).to_string().as_bytes()])
+                        }
+                        _ => cmd(&[b"SET", k, value]),
+                    });
+                    found.push((k, value.clone()));
                 }
+                (Frame::Integer(KIND_DUMP), Frame::Bulk(payload), Frame::Integer(ttl))
+                    if *ttl != -2 =>
+                {
+                    // RESTORE's TTL 0 means none, so PTTL -1 becomes 0 and
+                    // PTTL 0 (expiring now) 1.
+                    let ttl = if *ttl < 0 { 0 } else { (*ttl).max(1) };
+                    writes.push(cmd(&[
+                        b"RESTORE",
+                        k,
+                        ttl.to_string().as_bytes(),
+                        payload,
+                        b"REPLACE",
+                    ]));
+                    found.push((k, payload.clone()));
+                }
+                (Frame::Integer(KIND_BIG), _, _) => moved.big.push(k.clone()),
                 _ => moved.skipped += 1,
             }
         }
         if found.is_empty() {
             return Ok(moved);
         }
-        let mut restores: Vec<Bytes> = found
-            .iter()
-            .map(|(k, payload, ttl)| {
-                cmd(&[
-                    b"RESTORE",
-                    k,
-                    ttl.to_string().as_bytes(),
-                    payload,
-                    b"REPLACE",
-                ])
-            })
-            .collect();
+        let copied: Vec<Bytes> = found.iter().map(|(k, _)| (*k).clone()).collect();
+        self.commit(out, src, dst, writes, &copied, require_confirm)
+            .await?;
+        moved.keys = found.len() as u64;
+        moved.bytes = found.iter().map(|(_, p)| p.len() as u64).sum();
+        Ok(moved)
+    }
+    /// Completes copies: sends `writes` (which create the copies of
+    /// `copied`) to the destination, waits for its replica, then deletes
+    /// the keys at the source and waits for the source's replica. A key is
+    /// deleted at the source only once its copy is confirmed; on a failure
+    /// the source copies stay authoritative and the destination's are
+    /// discarded.
+    async fn commit(
+        &self,
+        out: &Outgoing,
+        src: &mut Dedicated,
+        dst: &mut Dedicated,
+        mut writes: Vec<Bytes>,
+        copied: &[Bytes],
+        require_confirm: bool,
+    ) -> Result<(), MigrateError> {
+        let n = writes.len();
         if out.target_has_replica {
-            restores.push(cmd(&[b"WAIT", b"1", CONFIRM_MS.to_string().as_bytes()]));
+            writes.push(cmd(&[b"WAIT", b"1", CONFIRM_MS.to_string().as_bytes()]));
         }
-        let copied: Vec<Bytes> = found.iter().map(|(k, _, _)| (*k).clone()).collect();
-        let failure = match pipeline(dst, &restores).await {
+        let failure = match pipeline(dst, &writes).await {
             Err(e) => Some(e.to_string()),
             Ok(replies) => {
-                let bad = replies[..found.len()]
+                let bad = replies[..n]
                     .iter()
-                    .find_map(|f| reply_error("RESTORE at the destination", f));
+                    .find_map(|f| reply_error("copy at the destination", f));
                 let unconfirmed = out.target_has_replica
                     && !matches!(replies.last(), Some(Frame::Integer(n)) if *n >= 1);
                 if bad.is_none() && unconfirmed {
@@ -315,9 +466,7 @@ impl Mover {
             }
         };
         if let Some(why) = failure {
-            // The source copies stay authoritative; copies at the
-            // destination must not outlive them.
-            self.discard(out, &copied).await;
+            self.discard(out, copied).await;
             return Err(MigrateError::Backend(why));
         }
         let mut unlink: Vec<&[u8]> = vec![b"UNLINK"];
@@ -329,7 +478,7 @@ impl Mover {
         match pipeline(src, &dels).await {
             Ok(replies) => {
                 if let Some(e) = reply_error("UNLINK at the source", &replies[0]) {
-                    self.discard(out, &copied).await;
+                    self.discard(out, copied).await;
                     return Err(MigrateError::Backend(e));
                 }
                 if out.source_has_replica
@@ -338,17 +487,186 @@ impl Mover {
                     metrics::counter!("redmesh_proxy_migration_unconfirmed_total", "side" => "source")
                         .increment(1);
                 }
+                Ok(())
             }
             Err(e) => {
                 // The UNLINK may or may not have run: keep the destination
                 // copy of every key the source no longer has.
-                self.settle(out, &copied).await;
-                return Err(e);
+                self.settle(out, copied).await;
+                Err(e)
             }
         }
-        moved.keys = found.len() as u64;
-        moved.bytes = found.iter().map(|(_, p, _)| p.len() as u64).sum();
-        Ok(moved)
+    }
+
+    /// Moves one key too big for a single DUMP/RESTORE, under its lock:
+    /// copied piece by piece into a temporary key at the destination (no
+    /// command on either node handles more than [`PIECE`] elements or
+    /// [`PIECE_BYTES`] bytes), renamed over the key, then confirmed and
+    /// deleted at the source like any other. Types that cannot be rebuilt
+    /// piecewise without losing state (streams with their consumer groups,
+    /// module types) still move by DUMP/RESTORE.
+    async fn move_big(
+        &self,
+        out: &Outgoing,
+        src: &mut Dedicated,
+        dst: &mut Dedicated,
+        key: Bytes,
+        require_confirm: bool,
+    ) -> Result<Moved, MigrateError> {
+        let held = self.locks.lock(std::slice::from_ref(&key)).await;
+        let r = pipeline(src, &[cmd(&[b"TYPE", &key])]).await?;
+        let kind = match &r[0] {
+            Frame::Simple(t) => t.clone(),
+            f => {
+                return Err(MigrateError::Backend(
+                    reply_error("TYPE", f)
+                        .unwrap_or_else(|| format!("unexpected TYPE reply {f:?}")),
+                ))
+            }
+        };
+        let (read, write, step): (&[u8], &[u8], Piecewise) = match kind.as_ref() {
+            b"hash" => (b"HSCAN", b"HSET", Piecewise::Scan { swap: false }),
+            b"set" => (b"SSCAN", b"SADD", Piecewise::Scan { swap: false }),
+            b"zset" => (b"ZSCAN", b"ZADD", Piecewise::Scan { swap: true }),
+            b"list" => (b"LRANGE", b"RPUSH", Piecewise::Range),
+            b"string" => (b"GETRANGE", b"APPEND", Piecewise::Bytes),
+            b"none" => {
+                return Ok(Moved {
+                    skipped: 1,
+                    ..Moved::default()
+                })
+            }
+            _ => {
+                drop(held);
+                return self
+                    .move_keys(out, src, dst, &[key], require_confirm, u64::MAX)
+                    .await;
+            }
+        };
+        let tmp = Bytes::from([TEMP_PREFIX, out.task_id.as_bytes(), b":", &key].concat());
+        let expire = TEMP_TTL_MS.to_string();
+        let result = async {
+            expect_ok(pipeline(dst, &[cmd(&[b"UNLINK", &tmp])]).await?, "UNLINK")?;
+            let mut bytes = 0u64;
+            let mut cursor: Bytes = Bytes::from_static(b"0");
+            let mut at: u64 = 0;
+            loop {
+                let (items, done) = match step {
+                    Piecewise::Scan { .. } => {
+                        let r = pipeline(
+                            src,
+                            &[cmd(&[
+                                read,
+                                &key,
+                                &cursor,
+                                b"COUNT",
+                                PIECE.to_string().as_bytes(),
+                            ])],
+                        )
+                        .await?;
+                        let (next, items) = parse_scan(&r[0])?;
+                        cursor = Bytes::from(next.to_string());
+                        (items, next == 0)
+                    }
+                    Piecewise::Range => {
+                        let (a, b) = (at.to_string(), (at + PIECE - 1).to_string());
+                        let r = pipeline(src, &[cmd(&[read, &key, a.as_bytes(), b.as_bytes()])])
+                            .await?;
+                        let items = array_items(&r[0], "LRANGE")?;
+                        at += PIECE;
+                        let done = (items.len() as u64) < PIECE;
+                        (items, done)
+                    }
+                    Piecewise::Bytes => {
+                        let (a, b) = (at.to_string(), (at + PIECE_BYTES - 1).to_string());
+                        let r = pipeline(src, &[cmd(&[read, &key, a.as_bytes(), b.as_bytes()])])
+                            .await?;
+                        let Frame::Bulk(piece) = &r[0] else {
+                            return Err(MigrateError::Backend(format!(
+                                "unexpected GETRANGE reply {:?}",
+                                r[0]
+                            )));
+                        };
+                        at += PIECE_BYTES;
+                        let done = (piece.len() as u64) < PIECE_BYTES;
+                        (vec![piece.clone()], done)
+                    }
+                };
+                if !items.is_empty() {
+                    bytes += items.iter().map(|i| i.len() as u64).sum::<u64>();
+                    let mut args: Vec<&[u8]> = Vec::with_capacity(items.len() + 2);
+                    args.push(write);
+                    args.push(&tmp);
+                    if matches!(step, Piecewise::Scan { swap: true }) {
+                        // ZSCAN answers member, score; ZADD takes score, member.
+                        for pair in items.chunks(2) {
+                            args.extend(pair.iter().rev().map(|b| b.as_ref()));
+                        }
+                    } else {
+                        args.extend(items.iter().map(|b| b.as_ref()));
+                    }
+                    let r = pipeline(
+                        dst,
+                        &[cmd(&args), cmd(&[b"PEXPIRE", &tmp, expire.as_bytes()])],
+                    )
+                    .await?;
+                    if let Some(e) = r.iter().find_map(|f| reply_error("piecewise copy", f)) {
+                        return Err(MigrateError::Backend(e));
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+            // The TTL as it is now (the copy took time), or the key expired
+            // meanwhile and there is nothing to move.
+            let r = pipeline(src, &[cmd(&[b"PTTL", &key])]).await?;
+            let ttl = match r[0] {
+                Frame::Integer(t) => t,
+                ref f => {
+                    return Err(MigrateError::Backend(format!(
+                        "unexpected PTTL reply {f:?}"
+                    )))
+                }
+            };
+            if ttl == -2 {
+                expect_ok(pipeline(dst, &[cmd(&[b"UNLINK", &tmp])]).await?, "UNLINK")?;
+                return Ok(None);
+            }
+            let last = if ttl > 0 {
+                cmd(&[b"PEXPIRE", &key, ttl.to_string().as_bytes()])
+            } else {
+                cmd(&[b"PERSIST", &key])
+            };
+            let writes = vec![cmd(&[b"UNLINK", &key]), cmd(&[b"RENAME", &tmp, &key]), last];
+            self.commit(
+                out,
+                src,
+                dst,
+                writes,
+                std::slice::from_ref(&key),
+                require_confirm,
+            )
+            .await?;
+            Ok(Some(bytes))
+        }
+        .await;
+        match result {
+            Ok(Some(bytes)) => Ok(Moved {
+                keys: 1,
+                bytes,
+                ..Moved::default()
+            }),
+            Ok(None) => Ok(Moved {
+                skipped: 1,
+                ..Moved::default()
+            }),
+            Err(e) => {
+                // Leave no partial copy behind (it would expire anyway).
+                self.discard(out, std::slice::from_ref(&tmp)).await;
+                Err(e)
+            }
+        }
     }
 
     /// After an UNLINK with no answer: discards the destination copies of
@@ -400,6 +718,90 @@ impl Mover {
             keys = keys.len(),
             "could not delete partial copies at the migration destination; they are replaced when the batch is retried"
         );
+    }
+}
+
+/// One SCAN round's keys on their way to the destination.
+struct Round {
+    mover: Arc<Mover>,
+    out: Outgoing,
+    source: Arc<DedicatedPool>,
+    target: Arc<DedicatedPool>,
+    require_confirm: bool,
+}
+
+impl Round {
+    async fn run(self, keys: Vec<Bytes>) -> Result<Moved, MigrateError> {
+        let mut src = connect(&self.source).await?;
+        let mut dst = connect(&self.target).await?;
+        let mut moved = self
+            .mover
+            .move_keys(
+                &self.out,
+                &mut src,
+                &mut dst,
+                &keys,
+                self.require_confirm,
+                self.mover.big_key_bytes,
+            )
+            .await?;
+        // Big keys after the round's locks are released: the keys sharing
+        // their round are not held up while they are copied.
+        for key in std::mem::take(&mut moved.big) {
+            let m = self
+                .mover
+                .move_big(&self.out, &mut src, &mut dst, key, self.require_confirm)
+                .await?;
+            moved.keys += m.keys;
+            moved.bytes += m.bytes;
+            moved.skipped += m.skipped;
+        }
+        // Only connections whose exchanges completed go back to the pools.
+        self.source.put(src);
+        self.target.put(dst);
+        Ok(moved)
+    }
+}
+
+/// Adds a finished round to the batch's totals, or keeps its error.
+fn collect(
+    r: Result<Result<Moved, MigrateError>, tokio::task::JoinError>,
+    moved: &mut Moved,
+    failure: &mut Option<MigrateError>,
+) {
+    match r {
+        Ok(Ok(m)) => {
+            moved.keys += m.keys;
+            moved.bytes += m.bytes;
+            moved.skipped += m.skipped;
+        }
+        Ok(Err(e)) => {
+            failure.get_or_insert(e);
+        }
+        Err(e) => {
+            failure.get_or_insert(MigrateError::Backend(format!(
+                "a migration round failed: {e}"
+            )));
+        }
+    }
+}
+
+/// The elements of an array reply.
+fn array_items(f: &Frame, what: &str) -> Result<Vec<Bytes>, MigrateError> {
+    match f {
+        Frame::Array(items) => Ok(items.iter().filter_map(Frame::as_bytes).cloned().collect()),
+        other => Err(MigrateError::Backend(
+            reply_error(what, other)
+                .unwrap_or_else(|| format!("unexpected {what} reply {other:?}")),
+        )),
+    }
+}
+
+/// Fails on an error reply.
+fn expect_ok(replies: Vec<Frame>, what: &str) -> Result<(), MigrateError> {
+    match replies.iter().find_map(|f| reply_error(what, f)) {
+        Some(e) => Err(MigrateError::Backend(e)),
+        None => Ok(()),
     }
 }
 
