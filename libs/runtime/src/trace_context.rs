@@ -50,6 +50,28 @@ pub fn server_span(method: &str, headers: &http::HeaderMap) -> tracing::Span {
     span
 }
 
+/// The current span's W3C `traceparent`, to store with work that outlives
+/// the request it came with (empty when nothing is traced).
+pub fn current_traceparent() -> String {
+    let cx = tracing::Span::current().context();
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    carrier.remove("traceparent").unwrap_or_default()
+}
+
+/// Makes `span` a child of a stored `traceparent` (from
+/// [`current_traceparent`]); an empty or malformed one leaves it a root.
+pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    if traceparent.is_empty() {
+        return;
+    }
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+    // Fails only when no OpenTelemetry layer is installed: nothing to link.
+    let _ = span.set_parent(parent);
+}
+
 /// A client service that adds the current span's trace context to every
 /// request it sends.
 #[derive(Debug, Clone)]

@@ -221,6 +221,7 @@ pub async fn start(
     }
     let id = format!("m{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let now = convert::timestamp(SystemTime::now());
+    let trace_parent = redmesh_runtime::trace_context::current_traceparent();
     let task = repo
         .update(|snap, _epoch| {
             let cluster = snap.cluster(name)?;
@@ -274,6 +275,7 @@ pub async fn start(
                 removed_chunks: plan_out.removed_chunks.clone(),
                 keys_per_second: 0.0,
                 bytes_per_second: 0.0,
+                trace_parent: trace_parent.clone(),
             };
             Ok((
                 Change {

@@ -17,16 +17,20 @@ use redmesh_api::v1::{self, MigrationPhase, MigrationState};
 use redmesh_model::scale::Move;
 use redmesh_model::{Chunk, Cluster, ClusterName, ClusterTask, MigrationStage, ModelError, Proxy};
 use redmesh_runtime::backoff::reconnect_delays;
+use redmesh_runtime::trace_context::continue_trace;
 use redmesh_store::{Change, Leadership, MetaError, MetaRepo};
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Status};
+use tonic::Status;
+use tracing::Instrument;
 
 use crate::plan::{chunk_model, move_model};
 use crate::proxies::ProxyClients;
 use crate::tasks::{terminal, Stored, Tasks};
 
-/// Keys per batch when no rate limits it.
-pub const DEFAULT_BATCH_KEYS: u32 = 1000;
+/// Keys per batch when no rate limits it. Each batch costs a gRPC call and
+/// reads of the task and the cluster, so batches are large: about 0.1 s of
+/// work at full speed, short enough for pause and cancel to act at once.
+pub const DEFAULT_BATCH_KEYS: u32 = 10_000;
 /// Batches per second a rate limit is split into.
 const BATCHES_PER_SECOND: u64 = 10;
 /// How often progress is persisted while moving.
@@ -133,11 +137,23 @@ impl Runner {
                         let me = self.clone();
                         let l = leadership.clone();
                         let stop = stop.child_token();
+                        // The work joins the trace of the request that
+                        // started the task, so one scale is one trace.
+                        let span = tracing::info_span!(
+                            "migration task",
+                            otel.name = "migration task",
+                            task = %s.task.id,
+                            cluster = %s.task.cluster,
+                        );
+                        continue_trace(&span, &s.task.trace_parent);
                         running.insert(
                             key,
-                            tokio::spawn(async move {
-                                me.run_task(&l, &s.task.cluster, &s.task.id, stop).await
-                            }),
+                            tokio::spawn(
+                                async move {
+                                    me.run_task(&l, &s.task.cluster, &s.task.id, stop).await
+                                }
+                                .instrument(span),
+                            ),
                         );
                     }
                 }
@@ -208,15 +224,11 @@ impl Runner {
             if state(&s.task) == MigrationState::Cancelling {
                 self.plan_cancel(l, &name, &mut s).await?;
             }
-            let Some(i) = s
-                .task
-                .ranges
-                .iter()
-                .position(|r| phase(r) != MigrationPhase::Done)
-            else {
-                return self.finish(l, &name, &mut s).await;
-            };
-            self.step(l, &name, &mut s, i).await?;
+            match next_step(&s.task.ranges) {
+                Next::Finish => return self.finish(l, &name, &mut s).await,
+                Next::Step(i) => self.step(l, &name, &mut s, i).await?,
+                Next::Move(idxs) => self.move_phase(l, &name, &mut s, idxs).await?,
+            }
         }
     }
 
@@ -322,13 +334,7 @@ impl Runner {
         i: usize,
     ) -> Result<(), Stop> {
         let task_id = s.task.id.clone();
-        let mv = move_model(
-            s.task.ranges[i]
-                .r#move
-                .as_ref()
-                .ok_or_else(|| Stop::Retry("range without a move".into()))?,
-        )
-        .map_err(|e| Stop::Retry(e.to_string()))?;
+        let mv = range_move(&s.task.ranges[i])?;
         match phase(&s.task.ranges[i]) {
             MigrationPhase::Unspecified | MigrationPhase::Queued | MigrationPhase::Prepare => {
                 if s.task.ranges[i].phase != MigrationPhase::Prepare as i32 {
@@ -359,46 +365,7 @@ impl Runner {
                 r.cursor_proxy_id.clear();
                 self.save(l, s).await
             }
-            MigrationPhase::Move => {
-                // A crash may have come between a cluster change and the
-                // task record saying so.
-                let (c, _) = self.cluster(name).await?;
-                match stage_of(&c, &mv, &task_id) {
-                    None => {
-                        s.task.ranges[i].phase = MigrationPhase::Done as i32;
-                        return self.save(l, s).await;
-                    }
-                    Some(MigrationStage::Commit) => {
-                        s.task.ranges[i].phase = MigrationPhase::Commit as i32;
-                        return self.save(l, s).await;
-                    }
-                    Some(MigrationStage::Prepare) => {
-                        self.change_cluster(l, name, |c| {
-                            c.set_move_stage(mv.range, &task_id, MigrationStage::Move)
-                                .map(Some)
-                        })
-                        .await?;
-                    }
-                    Some(MigrationStage::Move) => {}
-                }
-                self.move_range(l, name, s, i, &mv).await?;
-                if state(&s.task) == MigrationState::Paused {
-                    return Err(Stop::Idle);
-                }
-                let e3 = self
-                    .change_cluster(l, name, |c| {
-                        if stage_of(c, &mv, &task_id).is_none() {
-                            return Ok(None);
-                        }
-                        c.set_move_stage(mv.range, &task_id, MigrationStage::Commit)
-                            .map(Some)
-                    })
-                    .await?;
-                s.task.ranges[i].phase = MigrationPhase::Commit as i32;
-                self.save(l, s).await?;
-                tracing::debug!(epoch = e3, range = %mv.range, "commit stage written");
-                Ok(())
-            }
+            MigrationPhase::Move => self.move_phase(l, name, s, vec![i]).await,
             MigrationPhase::Commit => {
                 let (c, _) = self.cluster(name).await?;
                 if stage_of(&c, &mv, &task_id).is_some() {
@@ -418,18 +385,61 @@ impl Runner {
         }
     }
 
-    /// Moves the keys of range `i` until a complete pass finds none.
-    async fn move_range(
+    /// Moves the keys of ranges `idxs` (all in the MOVE phase, no shard in
+    /// two of them) until a complete pass of each finds none, then marks
+    /// each for commit.
+    async fn move_phase(
         &self,
         l: &Leadership,
         name: &ClusterName,
         s: &mut Stored,
-        i: usize,
-        mv: &Move,
+        idxs: Vec<usize>,
     ) -> Result<(), Stop> {
+        let task_id = s.task.id.clone();
+        // A crash may have come between a cluster change and the task
+        // record saying so.
+        let (c, _) = self.cluster(name).await?;
+        let mut active = Vec::new();
+        for i in idxs {
+            let mv = range_move(&s.task.ranges[i])?;
+            match stage_of(&c, &mv, &task_id) {
+                None => {
+                    s.task.ranges[i].phase = MigrationPhase::Done as i32;
+                    self.save(l, s).await?;
+                }
+                Some(MigrationStage::Commit) => {
+                    s.task.ranges[i].phase = MigrationPhase::Commit as i32;
+                    self.save(l, s).await?;
+                }
+                Some(MigrationStage::Prepare) => {
+                    self.change_cluster(l, name, |c| {
+                        c.set_move_stage(mv.range, &task_id, MigrationStage::Move)
+                            .map(Some)
+                    })
+                    .await?;
+                    active.push((i, mv));
+                }
+                Some(MigrationStage::Move) => active.push((i, mv)),
+            }
+        }
+        self.move_ranges(l, name, s, active).await
+    }
+
+    /// The batch loop of [`Self::move_phase`]: one `MigrateBatch` per
+    /// active range at a time, all ranges' calls in parallel (their source
+    /// and destination nodes differ, so they do not slow each other down
+    /// beyond sharing the machine).
+    async fn move_ranges(
+        &self,
+        l: &Leadership,
+        name: &ClusterName,
+        s: &mut Stored,
+        mut active: Vec<(usize, Move)>,
+    ) -> Result<(), Stop> {
+        let task_id = s.task.id.clone();
         let mut rate = Rate::default();
         let mut last_save = Instant::now();
-        loop {
+        while !active.is_empty() {
             // Operator changes (pause, cancel, rate) are read between batches.
             if let Some(fresh) = self.tasks.get(&s.task.cluster, &s.task.id).await? {
                 if fresh.revision != s.revision {
@@ -440,7 +450,8 @@ impl Runner {
                         s.task.state = fresh.task.state;
                         s.task.keys_per_second = 0.0;
                         s.task.bytes_per_second = 0.0;
-                        return self.save(l, s).await;
+                        self.save(l, s).await?;
+                        return Err(Stop::Idle);
                     }
                     if theirs == MigrationState::Cancelling {
                         s.task.state = fresh.task.state;
@@ -449,16 +460,30 @@ impl Runner {
                 }
             }
             let (c, proxies) = self.cluster(name).await?;
-            let src = c
-                .master_proxy(mv.from)
-                .ok_or_else(|| Stop::Retry(format!("shard {} no longer exists", mv.from)))?
-                .to_string();
-            let admin = proxies
-                .get(&src)
-                .map(|p| p.spec.admin_address.to_string())
-                .ok_or_else(|| Stop::Retry(format!("proxy {src} is not registered")))?;
-            {
-                let r = &mut s.task.ranges[i];
+            let limits = s.task.rate.unwrap_or_default();
+            // A rate limit is shared by the ranges moving together.
+            let share = active.len() as u64;
+            let mut max_keys = u64::from(self.batch_keys);
+            if limits.keys_per_second > 0 {
+                max_keys =
+                    max_keys.min((limits.keys_per_second / BATCHES_PER_SECOND / share).max(1));
+            }
+            let max_bytes = if limits.bytes_per_second > 0 {
+                (limits.bytes_per_second / BATCHES_PER_SECOND / share).max(1)
+            } else {
+                64 << 20
+            };
+            let mut calls = Vec::with_capacity(active.len());
+            for (i, mv) in &active {
+                let src = c
+                    .master_proxy(mv.from)
+                    .ok_or_else(|| Stop::Retry(format!("shard {} no longer exists", mv.from)))?
+                    .to_string();
+                let admin = proxies
+                    .get(&src)
+                    .map(|p| p.spec.admin_address.to_string())
+                    .ok_or_else(|| Stop::Retry(format!("proxy {src} is not registered")))?;
+                let r = &mut s.task.ranges[*i];
                 if r.cursor_proxy_id != src {
                     // A new source node (failover): its own pass, and the
                     // old one's result proves nothing about it.
@@ -468,89 +493,118 @@ impl Runner {
                     r.cursor = 0;
                     r.cursor_proxy_id = src.clone();
                 }
+                let mut req = tonic::Request::new(v1::MigrateBatchRequest {
+                    cluster: name.to_string(),
+                    task_id: task_id.clone(),
+                    epoch: c.epoch,
+                    range: Some(mv.range.into()),
+                    cursor: r.cursor,
+                    max_keys: max_keys as u32,
+                    max_bytes,
+                });
+                req.set_timeout(Duration::from_secs(60));
+                let client = self.proxies.client(&admin)?;
+                calls.push(async move {
+                    let mut client = client;
+                    let reply = client.migrate_batch(req).await;
+                    (src, reply)
+                });
             }
-            let limits = s.task.rate.unwrap_or_default();
-            let mut max_keys = u64::from(self.batch_keys);
-            if limits.keys_per_second > 0 {
-                max_keys = max_keys.min((limits.keys_per_second / BATCHES_PER_SECOND).max(1));
-            }
-            let max_bytes = if limits.bytes_per_second > 0 {
-                (limits.bytes_per_second / BATCHES_PER_SECOND).max(1)
-            } else {
-                64 << 20
-            };
             let started = Instant::now();
-            let mut client = self.proxies.client(&admin)?;
-            let mut req = tonic::Request::new(v1::MigrateBatchRequest {
-                cluster: name.to_string(),
-                task_id: s.task.id.clone(),
-                epoch: c.epoch,
-                range: Some(mv.range.into()),
-                cursor: s.task.ranges[i].cursor,
-                max_keys: max_keys as u32,
-                max_bytes,
-            });
-            req.set_timeout(Duration::from_secs(60));
-            let reply = match client.migrate_batch(req).await {
-                Ok(r) => r.into_inner(),
-                Err(e) if e.code() == Code::FailedPrecondition => {
-                    // The proxy's view lags or moved on: re-read and retry.
-                    return Err(Stop::Retry(format!("proxy {src}: {}", e.message())));
-                }
-                Err(e) => {
-                    return Err(Stop::Retry(format!(
-                        "MigrateBatch on {src}: {}",
-                        e.message()
-                    )))
-                }
-            };
+            let replies = futures::future::join_all(calls).await;
             metrics::histogram!("redmesh_migrator_batch_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
-            metrics::counter!("redmesh_migrator_keys_moved_total").increment(reply.keys_moved);
-            metrics::counter!("redmesh_migrator_bytes_moved_total").increment(reply.bytes_moved);
-            let (kps, bps) = rate.add(reply.keys_moved, reply.bytes_moved);
+            let (mut keys, mut bytes) = (0, 0);
+            let mut failure = None;
+            let mut pass_end = false;
+            let mut finished = Vec::new();
+            for ((i, mv), (src, reply)) in active.iter().zip(replies) {
+                let reply = match reply {
+                    Ok(r) => r.into_inner(),
+                    Err(e) => {
+                        // FAILED_PRECONDITION: the proxy's view lags or
+                        // moved on; anything else: it failed. Either way the
+                        // cluster is read again and the batch retried.
+                        failure.get_or_insert_with(|| {
+                            format!("MigrateBatch on {src}: {}", e.message())
+                        });
+                        continue;
+                    }
+                };
+                keys += reply.keys_moved;
+                bytes += reply.bytes_moved;
+                let r = &mut s.task.ranges[*i];
+                r.keys_moved += reply.keys_moved;
+                r.bytes_moved += reply.bytes_moved;
+                r.pass_keys_moved += reply.keys_moved;
+                r.cursor = reply.next_cursor;
+                if reply.next_cursor == 0 {
+                    pass_end = true;
+                    if r.pass_keys_moved == 0 {
+                        finished.push((*i, mv.clone()));
+                    } else {
+                        r.pass += 1;
+                        r.pass_keys_moved = 0;
+                    }
+                }
+            }
+            metrics::counter!("redmesh_migrator_keys_moved_total").increment(keys);
+            metrics::counter!("redmesh_migrator_bytes_moved_total").increment(bytes);
+            let (kps, bps) = rate.add(keys, bytes);
             s.task.keys_per_second = kps;
             s.task.bytes_per_second = bps;
-            let r = &mut s.task.ranges[i];
-            r.keys_moved += reply.keys_moved;
-            r.bytes_moved += reply.bytes_moved;
-            r.pass_keys_moved += reply.keys_moved;
-            r.cursor = reply.next_cursor;
-            let mut pass_end = false;
-            if reply.next_cursor == 0 {
-                pass_end = true;
-                if r.pass_keys_moved == 0 {
-                    s.task.error.clear();
-                    return self.save(l, s).await;
-                }
-                r.pass += 1;
-                r.pass_keys_moved = 0;
-            }
             let progress = crate::tasks::progress(&s.task);
             metrics::gauge!("redmesh_migrator_eta_seconds", "cluster" => name.to_string())
                 .set(progress.eta_seconds.max(0.0));
+            for (i, mv) in finished {
+                // A complete pass found nothing: no key of the range is left
+                // at the source, so clients may now be sent to the
+                // destination for good.
+                s.task.error.clear();
+                self.save(l, s).await?;
+                let e3 = self
+                    .change_cluster(l, name, |c| {
+                        if stage_of(c, &mv, &task_id).is_none() {
+                            return Ok(None);
+                        }
+                        c.set_move_stage(mv.range, &task_id, MigrationStage::Commit)
+                            .map(Some)
+                    })
+                    .await?;
+                s.task.ranges[i].phase = MigrationPhase::Commit as i32;
+                self.save(l, s).await?;
+                last_save = Instant::now();
+                active.retain(|(j, _)| *j != i);
+                tracing::debug!(epoch = e3, range = %mv.range, "commit stage written");
+            }
+            if let Some(why) = failure {
+                // Keep what the other ranges did.
+                self.save(l, s).await?;
+                return Err(Stop::Retry(why));
+            }
             if pass_end || last_save.elapsed() >= SAVE_EVERY {
                 s.task.error.clear();
                 self.save(l, s).await?;
                 last_save = Instant::now();
             }
-            // Throttle: the batch may not finish sooner than its share of
-            // the rate allows.
+            // Throttle: the batches may not finish sooner than their share
+            // of the rate allows.
             let mut due = Duration::ZERO;
             if limits.keys_per_second > 0 {
                 due = due.max(Duration::from_secs_f64(
-                    reply.keys_moved as f64 / limits.keys_per_second as f64,
+                    keys as f64 / limits.keys_per_second as f64,
                 ));
             }
             if limits.bytes_per_second > 0 {
                 due = due.max(Duration::from_secs_f64(
-                    reply.bytes_moved as f64 / limits.bytes_per_second as f64,
+                    bytes as f64 / limits.bytes_per_second as f64,
                 ));
             }
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
         }
+        Ok(())
     }
 
     /// On cancel: drop queued moves, abandon a move still preparing, let a
@@ -706,6 +760,73 @@ impl Runner {
     }
 }
 
+/// The move of a range of the task record.
+fn range_move(r: &v1::RangeProgress) -> Result<Move, Stop> {
+    let m = r
+        .r#move
+        .as_ref()
+        .ok_or_else(|| Stop::Retry("range without a move".into()))?;
+    move_model(m).map_err(|e| Stop::Retry(e.to_string()))
+}
+
+/// What the runner does next with a task.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Every range is done.
+    Finish,
+    /// Advance this range by one step.
+    Step(usize),
+    /// Move the keys of these ranges together.
+    Move(Vec<usize>),
+}
+
+/// Picks the next step. Ranges whose shards differ from those of every
+/// range under way are prepared too, so their keys move in parallel (a
+/// scale-out from 2 shards to 4 moves from both old shards at once); a
+/// range sharing a source or destination with one under way waits for it.
+fn next_step(ranges: &[v1::RangeProgress]) -> Next {
+    let shards = |r: &v1::RangeProgress| -> Vec<u32> {
+        r.r#move
+            .as_ref()
+            .and_then(|m| move_model(m).ok())
+            .map_or_else(Vec::new, |mv| vec![mv.from, mv.to])
+    };
+    let waiting = |r: &v1::RangeProgress| {
+        matches!(
+            phase(r),
+            MigrationPhase::Queued | MigrationPhase::Unspecified
+        )
+    };
+    // A range caught half-prepared (by a crash) is finished first.
+    if let Some(i) = ranges
+        .iter()
+        .position(|r| phase(r) == MigrationPhase::Prepare)
+    {
+        return Next::Step(i);
+    }
+    let busy: Vec<u32> = ranges
+        .iter()
+        .filter(|r| phase(r) != MigrationPhase::Done && !waiting(r))
+        .flat_map(shards)
+        .collect();
+    if let Some(i) = ranges
+        .iter()
+        .position(|r| waiting(r) && shards(r).iter().all(|s| !busy.contains(s)))
+    {
+        return Next::Step(i);
+    }
+    let moving: Vec<usize> = (0..ranges.len())
+        .filter(|&i| phase(&ranges[i]) == MigrationPhase::Move)
+        .collect();
+    if !moving.is_empty() {
+        return Next::Move(moving);
+    }
+    match ranges.iter().position(|r| phase(r) != MigrationPhase::Done) {
+        Some(i) => Next::Step(i),
+        None => Next::Finish,
+    }
+}
+
 /// Stage of `task`'s move of `mv.range`, if it is still marked.
 fn stage_of(c: &Cluster, mv: &Move, task: &str) -> Option<MigrationStage> {
     c.slots
@@ -735,5 +856,58 @@ pub fn export_task_states(all: &[Stored]) {
     for st in (1..).map_while(|k| MigrationState::try_from(k).ok()) {
         metrics::gauge!("redmesh_migrator_tasks", "state" => crate::tasks::state_name(st as i32))
             .set(counts.get(&(st as i32)).copied().unwrap_or(0) as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(from: u32, to: u32, start: u16, p: MigrationPhase) -> v1::RangeProgress {
+        v1::RangeProgress {
+            r#move: Some(v1::PlannedMove {
+                range: Some(v1::SlotRange {
+                    start: u32::from(start),
+                    end: u32::from(start) + 99,
+                }),
+                from_shard_id: from,
+                to_shard_id: to,
+                ..v1::PlannedMove::default()
+            }),
+            phase: p as i32,
+            ..v1::RangeProgress::default()
+        }
+    }
+
+    #[test]
+    fn disjoint_ranges_are_prepared_then_moved_together() {
+        use MigrationPhase::*;
+        // Scale-out 2 -> 4 shards: 0 -> 2 and 1 -> 3 share nothing.
+        let mut r = vec![range(0, 2, 0, Queued), range(1, 3, 200, Queued)];
+        assert_eq!(next_step(&r), Next::Step(0));
+        r[0].phase = Move as i32;
+        assert_eq!(next_step(&r), Next::Step(1));
+        r[1].phase = Prepare as i32;
+        assert_eq!(next_step(&r), Next::Step(1), "a half-prepared range first");
+        r[1].phase = Move as i32;
+        assert_eq!(next_step(&r), Next::Move(vec![0, 1]));
+        r[0].phase = Commit as i32;
+        r[1].phase = Commit as i32;
+        assert_eq!(next_step(&r), Next::Step(0));
+        r[0].phase = Done as i32;
+        r[1].phase = Done as i32;
+        assert_eq!(next_step(&r), Next::Finish);
+    }
+
+    #[test]
+    fn a_range_sharing_a_shard_waits_for_the_one_under_way() {
+        use MigrationPhase::*;
+        // Two moves out of shard 0 (a scale-out to many shards).
+        let mut r = vec![range(0, 2, 0, Move), range(0, 3, 200, Queued)];
+        assert_eq!(next_step(&r), Next::Move(vec![0]));
+        r[0].phase = Commit as i32;
+        assert_eq!(next_step(&r), Next::Step(0));
+        r[0].phase = Done as i32;
+        assert_eq!(next_step(&r), Next::Step(1));
     }
 }
