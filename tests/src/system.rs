@@ -299,6 +299,8 @@ pub struct System {
     pub proxies: Vec<ProxyNode>,
     /// Where the broker expects the migrator (see [`System::start_migrator`]).
     pub migrator_addr: String,
+    /// Extra environment of every service the system starts.
+    env: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for System {
@@ -316,7 +318,10 @@ impl System {
         Self::start_env(n, &[])
     }
 
-    /// [`System::start`] with extra environment for the broker and proxies.
+    /// [`System::start`] with extra environment for the broker, the proxies
+    /// and every service started later through the system
+    /// ([`System::start_migrator`], [`System::start_service`]), so a setting
+    /// such as the trace exporter reaches every process of the system.
     pub fn start_env(n: usize, env: &[(&str, &str)]) -> Self {
         let etcd = Etcd::start();
         let migrator_addr = format!("127.0.0.1:{}", free_port());
@@ -358,7 +363,18 @@ impl System {
             broker,
             proxies,
             migrator_addr,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
+    }
+
+    fn env(&self) -> Vec<(&str, &str)> {
+        self.env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
     }
 
     /// Starts a migrator at the address the broker forwards scale
@@ -372,7 +388,13 @@ impl System {
             id.to_owned(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Service::start_at("redmesh-migrator", "--listen", &self.migrator_addr, &args)
+        Service::start_full(
+            "redmesh-migrator",
+            "--listen",
+            &self.migrator_addr,
+            &args,
+            &self.env(),
+        )
     }
 
     /// Starts a control-plane service (`redmesh-coordinator`,
@@ -386,7 +408,7 @@ impl System {
             id.to_owned(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Service::start(binary, "--listen", &args)
+        Service::start_env(binary, "--listen", &args, &self.env())
     }
 
     /// A broker client.

@@ -1,9 +1,9 @@
 //! The alert rules and Grafana dashboards in `observability/`, checked
 //! against a live system: a real Prometheus scrapes every service of a
-//! running redmesh (with traffic, errors and a failover behind it), loads
-//! the alert rules, and answers every dashboard query. An expression naming
-//! a metric no service exports, a rule Prometheus cannot evaluate, or a
-//! dashboard panel without data fails the test.
+//! running redmesh (with traffic, errors, a live migration and a failover
+//! behind it), loads the alert rules, and answers every dashboard query. An
+//! expression naming a metric no service exports, a rule Prometheus cannot
+//! evaluate, or a dashboard panel without data fails the test.
 
 use std::collections::BTreeSet;
 use std::future::ready;
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use redmesh_api::v1;
+use redmesh_api::v1::{self, migrator_client::MigratorClient, MigrationState};
 use redmesh_e2e::harness::{eventually, raw_exchange};
 use redmesh_e2e::{free_port, Child, System};
 
@@ -74,7 +74,7 @@ fn dashboard_queries() -> Vec<(String, String, String)> {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     files.sort();
-    assert!(files.len() >= 3, "dashboards missing in {}", dir.display());
+    assert!(files.len() >= 4, "dashboards missing in {}", dir.display());
     for file in files {
         let text = std::fs::read_to_string(&file).expect("dashboard");
         let dash: serde_json::Value = serde_json::from_str(&text)
@@ -183,8 +183,140 @@ async fn dashboards_and_alert_rules_query_what_the_services_export() {
             raw_exchange(&p.resp, req).expect("proxy answers");
         }
     }
+
+    // A migration: the cluster scales out onto the two free proxies, first
+    // throttled to a crawl so that its source proxy answers ASK (a key
+    // already gone) and TRYAGAIN (keys split between source and
+    // destination) meanwhile, then at full speed to the end. It gives the
+    // migrations dashboard moved keys and bytes, batches, an ETA and
+    // redirects; without it most of its panels have no data.
+    const KEYS: usize = 1000;
+    let key = |i: usize| format!("{{obs-{i}}}:v");
+    let plain =
+        redis::Client::open(format!("redis://{}", sys.members(&cluster)[0].plain)).expect("url");
+    let mut conn = plain
+        .get_multiplexed_async_connection()
+        .await
+        .expect("plain listener");
+    let mut mset = redis::cmd("MSET");
+    for i in 0..KEYS {
+        mset.arg(key(i)).arg(i);
+    }
+    let () = mset.query_async(&mut conn).await.expect("MSET");
+    let task = sys
+        .broker()
+        .await
+        .scale_cluster(v1::ScaleClusterRequest {
+            name: "obs".into(),
+            node_count: 8,
+            dry_run: false,
+            rate: Some(v1::MigrationRate {
+                keys_per_second: 20,
+                bytes_per_second: 0,
+            }),
+        })
+        .await
+        .expect("scale obs to 8 nodes")
+        .into_inner()
+        .task_id;
+    let redirected = || async {
+        let c = sys
+            .broker()
+            .await
+            .get_cluster(v1::GetClusterRequest { name: "obs".into() })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .cluster
+            .ok_or("no cluster in the reply")?;
+        let range = c
+            .slots
+            .iter()
+            .find(|a| a.migration.is_some())
+            .and_then(|a| a.range)
+            .ok_or("no slot range migrating yet")?;
+        let moving: Vec<usize> = (0..KEYS)
+            .filter(|&i| {
+                let slot = u32::from(redmesh_model::key_slot(key(i).as_bytes()));
+                range.start <= slot && slot <= range.end
+            })
+            .take(50)
+            .collect();
+        let first = *moving.first().ok_or("no preloaded key in the range")?;
+        // The source owns the range until it commits.
+        let (source, _) = sys.key_master(&c, key(first).as_bytes());
+        // A key nobody has is the destination's; a key still here with one
+        // nobody has is a split pair (the move is too slow to take them all).
+        let mut req = format!("GET {{obs-{first}}}:absent\r\n");
+        for i in moving {
+            req.push_str(&format!("MGET {} {{obs-{i}}}:absent\r\n", key(i)));
+        }
+        let reply = raw_exchange(&source.resp, req.as_bytes()).map_err(|e| e.to_string())?;
+        let reply = String::from_utf8_lossy(&reply);
+        if reply.contains("-ASK ") && reply.contains("-TRYAGAIN ") {
+            Ok(())
+        } else {
+            Err(format!("{} answered {reply:?}", source.id))
+        }
+    };
+    eventually(
+        "ASK and TRYAGAIN from a source proxy mid-migration",
+        Duration::from_secs(60),
+        redirected,
+    )
+    .await;
+    let mut migrations = MigratorClient::connect(migrator.url())
+        .await
+        .expect("migrator");
+    migrations
+        .set_migration_rate(v1::SetMigrationRateRequest {
+            cluster: "obs".into(),
+            task_id: task.clone(),
+            rate: Some(v1::MigrationRate::default()),
+        })
+        .await
+        .expect("lift the throttle");
+    let done = eventually("obs scaled out", Duration::from_secs(60), || {
+        let (mut m, task) = (migrations.clone(), task.clone());
+        async move {
+            let p = m
+                .get_migration(v1::GetMigrationRequest {
+                    cluster: "obs".into(),
+                    task_id: task,
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner()
+                .progress
+                .ok_or("no progress in the reply")?;
+            match p.task.as_ref().map(|t| t.state) {
+                Some(s) if s == MigrationState::Completed as i32 => Ok(p),
+                _ => Err(format!("{p:?}")),
+            }
+        }
+    })
+    .await;
+    assert!(done.keys_moved > 0, "nothing moved: {done:?}");
+
     // A failover: the coordinator promotes the partner of a killed proxy.
-    let victim = cluster.chunks[0].proxy_ids[0].clone();
+    // The victim is one that joined in the scale-out, so the sources of the
+    // migration (whose series the migrations dashboard shows) stay up.
+    let grown = sys
+        .broker()
+        .await
+        .get_cluster(v1::GetClusterRequest { name: "obs".into() })
+        .await
+        .expect("get obs")
+        .into_inner()
+        .cluster
+        .expect("cluster in the reply");
+    let victim = grown
+        .chunks
+        .iter()
+        .find(|c| !cluster.chunks.contains(c))
+        .expect("a chunk joined")
+        .proxy_ids[0]
+        .clone();
     sys.proxies
         .iter_mut()
         .find(|p| p.id == victim)

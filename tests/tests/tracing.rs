@@ -1,5 +1,6 @@
 //! Traces across processes: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, a
-//! redmeshctl command and the broker's handling of it are one trace, and
+//! redmeshctl command and the broker's handling of it are one trace, a
+//! `cluster scale` continues through the migrator to the proxies, and
 //! proxies trace sampled commands with their result. An in-process OTLP
 //! receiver collects what the processes export.
 
@@ -31,7 +32,50 @@ struct Received {
     attributes: Vec<(String, String)>,
 }
 
+impl std::fmt::Display for Received {
+    /// One line: who, what, and the ids that link it (hex, as trace UIs
+    /// show them).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        write!(
+            f,
+            "{} {:?} trace {} span {} parent {}",
+            self.service,
+            self.name,
+            hex(&self.trace_id),
+            hex(&self.span_id),
+            hex(&self.parent_span_id)
+        )
+    }
+}
+
 impl Received {
+    /// Whether `ancestor` is among this span's parents, following parent
+    /// ids through `spans` (so every span in between must have arrived).
+    fn descends_from(&self, ancestor: &Received, spans: &[Received]) -> bool {
+        if self.trace_id != ancestor.trace_id {
+            return false;
+        }
+        let mut parent = &self.parent_span_id;
+        // At most one step per span: a corrupt cycle cannot loop forever.
+        for _ in 0..=spans.len() {
+            if parent.is_empty() {
+                return false;
+            }
+            if *parent == ancestor.span_id {
+                return true;
+            }
+            match spans
+                .iter()
+                .find(|s| s.trace_id == self.trace_id && s.span_id == *parent)
+            {
+                Some(p) => parent = &p.parent_span_id,
+                None => return false,
+            }
+        }
+        false
+    }
+
     fn attribute(&self, key: &str) -> Option<&str> {
         self.attributes
             .iter()
@@ -106,10 +150,18 @@ impl Receiver {
     /// Waits until `found` picks what it needs from the spans received.
     async fn until<T>(&self, what: &str, mut found: impl FnMut(&[Received]) -> Option<T>) -> T {
         eventually(what, Duration::from_secs(20), || {
-            let spans = self.spans.lock().expect("lock").clone();
-            ready(found(&spans).ok_or_else(|| format!("got: {spans:#?}")))
+            let spans = self.spans();
+            ready(found(&spans).ok_or_else(|| {
+                let lines: Vec<String> = spans.iter().map(ToString::to_string).collect();
+                format!("got:\n{}", lines.join("\n"))
+            }))
         })
         .await
+    }
+
+    /// The spans received so far.
+    fn spans(&self) -> Vec<Received> {
+        self.spans.lock().expect("lock").clone()
     }
 }
 
@@ -170,6 +222,125 @@ async fn a_command_and_the_broker_call_it_makes_are_one_trace() {
                 .cloned()
         })
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_scale_is_one_trace_from_the_command_to_the_proxies() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    // The broker, the proxies and the migrator all export to the receiver.
+    let sys = System::start_env(4, &env);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("scaled", 4, v1::ClusterConfig::default())
+        .await;
+    let migrator = sys.start_migrator("mg-1", &[]);
+    // Keys, so the proxies have something to move.
+    let mset: String = (0..200).map(|i| format!(" scaled-{i} {i}")).collect();
+    let plain = &sys.members(&cluster)[0].plain;
+    assert_eq!(
+        raw_exchange(plain, format!("MSET{mset}\r\n").as_bytes()).unwrap(),
+        b"+OK\r\n"
+    );
+
+    // The command follows the task to its end.
+    let out = tokio::process::Command::new(bin_path("redmeshctl"))
+        .args(["--broker", &sys.broker.url(), "--migrator", &migrator.url()])
+        .args(["cluster", "scale", "scaled", "8"])
+        .envs(env)
+        .output()
+        .await
+        .expect("redmeshctl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("completed"),
+        "redmeshctl cluster scale: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The command's root span and the services' spans for its calls.
+    let named = |spans: &[Received], service: &str, name: &str| {
+        spans
+            .iter()
+            .find(|s| s.service == service && s.name == name)
+            .cloned()
+    };
+    let (root, scale, start, watch) = receiver
+        .until("the spans of the command, broker and migrator", |spans| {
+            Some((
+                named(spans, "redmesh-redmeshctl", "redmeshctl cluster scale")?,
+                named(spans, "redmesh-broker", "redmesh.v1.Broker/ScaleCluster")?,
+                named(
+                    spans,
+                    "redmesh-migrator",
+                    "redmesh.v1.Migrator/StartMigration",
+                )?,
+                named(
+                    spans,
+                    "redmesh-migrator",
+                    "redmesh.v1.Migrator/WatchMigration",
+                )?,
+            ))
+        })
+        .await;
+    let spans = receiver.spans();
+    assert!(root.parent_span_id.is_empty(), "{root}");
+    // CLI → broker → migrator.
+    assert!(
+        scale.descends_from(&root, &spans),
+        "{scale}\nnot under {root}"
+    );
+    assert!(
+        start.descends_from(&scale, &spans),
+        "{start}\nnot under {scale}"
+    );
+    // The progress the command follows is the same trace too.
+    assert!(
+        watch.descends_from(&root, &spans),
+        "{watch}\nnot under {root}"
+    );
+    // → proxies: the migrator asks the source proxies for their sizes to
+    // estimate the plan while it serves the call.
+    let info = receiver
+        .until(
+            "a proxy's span inside the migrator's StartMigration",
+            |spans| {
+                spans
+                    .iter()
+                    .find(|s| {
+                        s.service == "redmesh-proxy"
+                            && s.name == "redmesh.v1.ProxyAdmin/GetInfo"
+                            && s.descends_from(&start, spans)
+                    })
+                    .cloned()
+            },
+        )
+        .await;
+    assert_eq!(info.trace_id, root.trace_id, "{info}");
+    // The leader moves the keys later, in the background, possibly on
+    // another migrator instance; the task record carries the trace, so the
+    // proxies' MigrateBatch spans are part of it too.
+    let batch = receiver
+        .until(
+            "a proxy's MigrateBatch span inside the migrator's StartMigration",
+            |spans| {
+                spans
+                    .iter()
+                    .find(|s| {
+                        s.service == "redmesh-proxy"
+                            && s.name == "redmesh.v1.ProxyAdmin/MigrateBatch"
+                            && s.descends_from(&start, spans)
+                    })
+                    .cloned()
+            },
+        )
+        .await;
+    assert_eq!(batch.trace_id, root.trace_id, "{batch}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
