@@ -25,9 +25,10 @@ use crate::routing::{Outgoing, Retired, RouteTable};
 const CONFIRM_MS: u32 = 2000;
 
 /// Reads every key in `KEYS` in one call: three entries per key, a kind
-/// ([`KIND_STRING`]: the value follows; [`KIND_DUMP`]: a DUMP payload
-/// follows; [`KIND_BIG`]: the key uses more than `ARGV[1]` bytes and is
-/// copied in pieces instead; 0: gone), the payload, and the PTTL.
+/// ([`KIND_STRING`]: the value follows; [`KIND_LONG_STRING`]: a string to
+/// GET afterwards; [`KIND_DUMP`]: a DUMP payload follows; [`KIND_BIG`]: the
+/// key uses more than `ARGV[1]` bytes and is copied in pieces instead; 0:
+/// gone), the payload, and the PTTL.
 ///
 /// Strings travel as values (GET here, SET at the destination): DUMP would
 /// serialize, checksum and try to LZF-compress them, RESTORE undo it all,
@@ -43,8 +44,14 @@ for i, k in ipairs(KEYS) do
   if not enc then
     kind = 0
   elseif enc == 'int' or enc == 'embstr' or enc == 'raw' then
-    if enc == 'raw' and redis.call('STRLEN', k) > limit then
+    local n = 0
+    if enc == 'raw' then
+      n = redis.call('STRLEN', k)
+    end
+    if n > limit then
       kind = 3
+    elseif n > 1024 then
+      kind = 4
     else
       kind, payload = 1, redis.call('GET', k)
     end
@@ -57,7 +64,7 @@ for i, k in ipairs(KEYS) do
   end
   out[3 * i - 2] = kind
   out[3 * i - 1] = payload
-  if kind == 1 or kind == 2 then
+  if kind == 1 or kind == 2 or kind == 4 then
     out[3 * i] = redis.call('PTTL', k)
   else
     out[3 * i] = -2
@@ -71,6 +78,10 @@ const KIND_STRING: i64 = 1;
 const KIND_DUMP: i64 = 2;
 /// [`READ_SCRIPT`]: too big to copy at once.
 const KIND_BIG: i64 = 3;
+/// [`READ_SCRIPT`]: a string of more than 1 KiB, read by a GET of its own
+/// after the script (copying it into Lua and out again costs the source
+/// several times what the command does).
+const KIND_LONG_STRING: i64 = 4;
 
 /// Elements per command when a big collection is copied in pieces.
 const PIECE: u64 = 1000;
@@ -383,11 +394,34 @@ impl Mover {
         let mut found: Vec<(&Bytes, Bytes)> = Vec::with_capacity(keys.len());
         let mut writes: Vec<Bytes> = Vec::with_capacity(keys.len());
         let mut moved = Moved::default();
+        // Long strings, read by GET now (the keys are still locked).
+        let long: Vec<&Bytes> = keys
+            .iter()
+            .zip(entries.chunks(3))
+            .filter(|(_, e)| matches!(e[0], Frame::Integer(KIND_LONG_STRING)))
+            .map(|(k, _)| k)
+            .collect();
+        let mut long_values = if long.is_empty() {
+            Vec::new()
+        } else {
+            let gets: Vec<Bytes> = long.iter().map(|k| cmd(&[b"GET", k])).collect();
+            pipeline(src, &gets).await?
+        }
+        .into_iter();
         for (k, e) in keys.iter().zip(entries.chunks(3)) {
-            match (&e[0], &e[1], &e[2]) {
-                (Frame::Integer(KIND_STRING), Frame::Bulk(value), Frame::Integer(ttl))
-                    if *ttl != -2 =>
-                {
+            let long_value;
+            let value = if matches!(e[0], Frame::Integer(KIND_LONG_STRING)) {
+                long_value = long_values.next().unwrap_or(Frame::Null);
+                &long_value
+            } else {
+                &e[1]
+            };
+            match (&e[0], value, &e[2]) {
+                (
+                    Frame::Integer(KIND_STRING | KIND_LONG_STRING),
+                    Frame::Bulk(value),
+                    Frame::Integer(ttl),
+                ) if *ttl != -2 => {
                     writes.push(match ttl {
                         // (PTTL 0: expiring this millisecond; PX 0 is refused.)
                         t if *t >= 0 => {
