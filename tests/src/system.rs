@@ -411,6 +411,33 @@ impl System {
         Service::start_env(binary, "--listen", &args, &self.env())
     }
 
+    /// Three health-checkers and a coordinator, once it leads.
+    pub async fn start_control_plane(&self) -> ([Service; 3], Service) {
+        let checkers = [
+            self.start_service("redmesh-health-checker", "hc-a", &[]),
+            self.start_service("redmesh-health-checker", "hc-b", &[]),
+            self.start_service("redmesh-health-checker", "hc-c", &[]),
+        ];
+        let co = self.start_service("redmesh-coordinator", "co-1", &[]);
+        crate::harness::eventually("a coordinator leader", Duration::from_secs(20), || async {
+            coordinator_status(&co).await.is_leader.then_some(())
+        })
+        .await;
+        (checkers, co)
+    }
+
+    /// A cluster and its proxies, as the broker reports them.
+    pub async fn get_cluster(&self, name: &str) -> (v1::Cluster, Vec<v1::Proxy>) {
+        let r = self
+            .broker()
+            .await
+            .get_cluster(v1::GetClusterRequest { name: name.into() })
+            .await
+            .expect("get cluster")
+            .into_inner();
+        (r.cluster.expect("cluster"), r.proxies)
+    }
+
     /// A broker client.
     pub async fn broker(&self) -> BrokerClient<Channel> {
         BrokerClient::connect(self.broker.url())
@@ -532,4 +559,15 @@ pub fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     info.lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .map(str::trim)
+}
+
+/// A coordinator's status.
+pub async fn coordinator_status(svc: &Service) -> v1::GetStatusResponse {
+    v1::coordinator_client::CoordinatorClient::connect(svc.url())
+        .await
+        .expect("coordinator")
+        .get_status(v1::GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
 }

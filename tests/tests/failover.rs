@@ -15,43 +15,7 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use redmesh_api::v1::{self, coordinator_client::CoordinatorClient};
 use redmesh_e2e::harness::eventually;
-use redmesh_e2e::system::{Service, System};
-
-async fn status(svc: &Service) -> v1::GetStatusResponse {
-    CoordinatorClient::connect(svc.url())
-        .await
-        .expect("coordinator")
-        .get_status(v1::GetStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner()
-}
-
-async fn get_cluster(sys: &System, name: &str) -> (v1::Cluster, Vec<v1::Proxy>) {
-    let r = sys
-        .broker()
-        .await
-        .get_cluster(v1::GetClusterRequest { name: name.into() })
-        .await
-        .expect("get cluster")
-        .into_inner();
-    (r.cluster.expect("cluster"), r.proxies)
-}
-
-/// Three health-checkers and a coordinator, once it leads.
-async fn control_plane(sys: &System) -> ([Service; 3], Service) {
-    let checkers = [
-        sys.start_service("redmesh-health-checker", "hc-a", &[]),
-        sys.start_service("redmesh-health-checker", "hc-b", &[]),
-        sys.start_service("redmesh-health-checker", "hc-c", &[]),
-    ];
-    let co = sys.start_service("redmesh-coordinator", "co-1", &[]);
-    eventually("a coordinator leader", Duration::from_secs(20), || async {
-        status(&co).await.is_leader.then_some(())
-    })
-    .await;
-    (checkers, co)
-}
+use redmesh_e2e::system::{coordinator_status, System};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_writes() {
@@ -82,13 +46,13 @@ async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_wr
         &["--test-exit-after-promotion"],
     );
     let st = eventually("a coordinator leader", Duration::from_secs(20), || async {
-        let st = status(&first).await;
+        let st = coordinator_status(&first).await;
         st.is_leader.then_some(st)
     })
     .await;
     assert_eq!(st.leader_id, "co-1");
     let standby = sys.start_service("redmesh-coordinator", "co-2", &[]);
-    let st = status(&standby).await;
+    let st = coordinator_status(&standby).await;
     assert!(!st.is_leader && st.leader_id == "co-1", "{st:?}");
 
     // A dead checker fails nothing over: wait until every checker has
@@ -113,9 +77,9 @@ async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_wr
         .await;
     }
     checkers[2].kill();
-    let epoch_before = get_cluster(&sys, "ha").await.0.epoch;
+    let epoch_before = sys.get_cluster("ha").await.0.epoch;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (now, proxies) = get_cluster(&sys, "ha").await;
+    let (now, proxies) = sys.get_cluster("ha").await;
     assert_eq!(
         now.epoch, epoch_before,
         "a dead checker changed the cluster"
@@ -184,7 +148,7 @@ async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_wr
         "failover and replacement",
         Duration::from_secs(30),
         || async {
-            let (c, proxies) = get_cluster(&sys, "ha").await;
+            let (c, proxies) = sys.get_cluster("ha").await;
             let members: Vec<&String> =
                 c.chunks.iter().flat_map(|ch| ch.proxy_ids.iter()).collect();
             let whole = !members.contains(&&victim_id)
@@ -197,7 +161,7 @@ async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_wr
     )
     .await;
     let recovered_in = killed_at.elapsed();
-    let st = status(&standby).await;
+    let st = coordinator_status(&standby).await;
     assert!(st.is_leader, "the standby did not take over: {st:?}");
     assert!(st.degraded_clusters.is_empty(), "{st:?}");
     assert!(
@@ -253,7 +217,7 @@ async fn paused_proxy_is_fenced_and_replaced() {
     let cluster = sys
         .create_cluster("fence", 4, v1::ClusterConfig::default())
         .await;
-    let (_checkers, _co) = control_plane(&sys).await;
+    let (_checkers, _co) = sys.start_control_plane().await;
     let (victim, _) = sys.key_master(&cluster, b"fenced-key");
     let victim_id = victim.id.clone();
     let child = victim.child.as_ref().unwrap();
@@ -263,7 +227,7 @@ async fn paused_proxy_is_fenced_and_replaced() {
         "the paused proxy replaced",
         Duration::from_secs(30),
         || async {
-            let (c, _) = get_cluster(&sys, "fence").await;
+            let (c, _) = sys.get_cluster("fence").await;
             let gone = c.chunks.iter().all(|ch| !ch.proxy_ids.contains(&victim_id));
             gone.then_some(())
         },
@@ -284,7 +248,7 @@ async fn paused_proxy_is_fenced_and_replaced() {
         "a fenced proxy accepted or misrouted a write: {text}\n{}",
         victim.log()
     );
-    let (healed, _) = get_cluster(&sys, "fence").await;
+    let (healed, _) = sys.get_cluster("fence").await;
     sys.wait_cluster_ok(&healed).await;
     let (_, node) = sys.key_master(&healed, b"fenced-key");
     let client = redis::Client::open(format!("redis://{}", node.addr)).unwrap();
@@ -300,7 +264,7 @@ async fn etcd_outage_fences_writes_keeps_reads_and_heals_without_failover() {
     let cluster = sys
         .create_cluster("outage", 4, v1::ClusterConfig::default())
         .await;
-    let (mut checkers, mut co) = control_plane(&sys).await;
+    let (mut checkers, mut co) = sys.start_control_plane().await;
     let (owner, _) = sys.key_master(&cluster, b"outage-key");
     let addr = owner.resp.clone();
     let set = |value: &'static str| {
@@ -315,7 +279,7 @@ async fn etcd_outage_fences_writes_keeps_reads_and_heals_without_failover() {
         }
     };
     assert_eq!(set("before").await, "+OK\r\n");
-    let epoch = get_cluster(&sys, "outage").await.0.epoch;
+    let epoch = sys.get_cluster("outage").await.0.epoch;
 
     // etcd dies for longer than every lease (coordinator 2 s, checkers 3 s)
     // and the proxies' fence (3 s in the harness).
@@ -375,10 +339,10 @@ async fn etcd_outage_fences_writes_keeps_reads_and_heals_without_failover() {
     eventually(
         "a coordinator leader again",
         Duration::from_secs(20),
-        || async { status(&co).await.is_leader.then_some(()) },
+        || async { coordinator_status(&co).await.is_leader.then_some(()) },
     )
     .await;
-    let (now, proxies) = get_cluster(&sys, "outage").await;
+    let (now, proxies) = sys.get_cluster("outage").await;
     assert_eq!(now.epoch, epoch, "the outage changed the cluster: {now:?}");
     assert!(
         proxies
@@ -398,7 +362,7 @@ async fn chunk_with_both_proxies_down_loses_only_its_slots_and_comes_back() {
     let cluster = sys
         .create_cluster("pair", 8, v1::ClusterConfig::default())
         .await;
-    let (checkers, co) = control_plane(&sys).await;
+    let (checkers, co) = sys.start_control_plane().await;
     let down: Vec<String> = cluster.chunks[1].proxy_ids.clone();
     let key_in = |chunk_down: bool| {
         (0..)
@@ -428,7 +392,7 @@ async fn chunk_with_both_proxies_down_loses_only_its_slots_and_comes_back() {
         "the cluster reported degraded",
         Duration::from_secs(20),
         || async {
-            let st = status(&co).await;
+            let st = coordinator_status(&co).await;
             st.degraded_clusters
                 .contains(&"pair".to_owned())
                 .then_some(st)
@@ -525,7 +489,7 @@ async fn replica_that_never_synced_is_not_promoted_to_serve_an_empty_shard() {
     let cluster = sys
         .create_cluster("guard", 4, v1::ClusterConfig::default())
         .await;
-    let (_checkers, co) = control_plane(&sys).await;
+    let (_checkers, co) = sys.start_control_plane().await;
     let (master_proxy, master_node) = sys.key_master(&cluster, b"guarded");
     let master_id = master_proxy.id.clone();
     let reply =

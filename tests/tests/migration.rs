@@ -216,23 +216,29 @@ async fn check_ledger(entry: &str, ledger: &Ledger) {
 }
 
 /// Waits for the task to end and returns it.
+/// The task's progress, as the migrator `m` reports it.
+async fn progress(m: &Service, cluster: &str, task: &str) -> Option<v1::MigrationProgress> {
+    MigratorClient::connect(m.url())
+        .await
+        .ok()?
+        .get_migration(v1::GetMigrationRequest {
+            cluster: cluster.into(),
+            task_id: task.into(),
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .progress
+}
+
+/// Waits for the task to end and returns it.
 async fn finished(m: &Service, cluster: &str, task: &str) -> v1::MigrationProgress {
     eventually(
         &format!("migration {task} to end"),
         Duration::from_secs(180),
         || async {
-            let p = migrator(m)
-                .await
-                .get_migration(v1::GetMigrationRequest {
-                    cluster: cluster.into(),
-                    task_id: task.into(),
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .progress?;
-            let t = p.task.as_ref()?;
-            let s = MigrationState::try_from(t.state).ok()?;
+            let p = progress(m, cluster, task).await?;
+            let s = MigrationState::try_from(p.task.as_ref()?.state).ok()?;
             matches!(
                 s,
                 MigrationState::Completed | MigrationState::Cancelled | MigrationState::Failed
@@ -261,17 +267,6 @@ async fn scale(sys: &System, cluster: &str, nodes: u32, rate: u64) -> (v1::Scale
         .into_inner();
     assert!(!r.task_id.is_empty(), "no task started: {r:?}");
     (r.plan.expect("plan"), r.task_id)
-}
-
-async fn get_cluster(sys: &System, name: &str) -> (v1::Cluster, Vec<v1::Proxy>) {
-    let r = sys
-        .broker()
-        .await
-        .get_cluster(v1::GetClusterRequest { name: name.into() })
-        .await
-        .expect("get cluster")
-        .into_inner();
-    (r.cluster.expect("cluster"), r.proxies)
 }
 
 fn slots_per_shard(c: &v1::Cluster) -> Vec<u32> {
@@ -317,7 +312,7 @@ async fn scale_out_and_in_under_writes_loses_nothing() {
         estimated > total / 4 && estimated < total * 3 / 4,
         "estimate {estimated} of {total} keys"
     );
-    assert_eq!(get_cluster(&sys, "mig").await.0.chunks.len(), 1);
+    assert_eq!(sys.get_cluster("mig").await.0.chunks.len(), 1);
 
     let stop = Arc::new(AtomicBool::new(false));
     let ledger: Ledger = Arc::default();
@@ -333,7 +328,7 @@ async fn scale_out_and_in_under_writes_loses_nothing() {
         "moved {} of {total} keys",
         done.keys_moved
     );
-    let (grown, _) = get_cluster(&sys, "mig").await;
+    let (grown, _) = sys.get_cluster("mig").await;
     assert_eq!(grown.chunks.len(), 2);
     assert_eq!(slots_per_shard(&grown), vec![4096; 4]);
     assert_eq!(
@@ -356,7 +351,7 @@ async fn scale_out_and_in_under_writes_loses_nothing() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let (shrunk, _) = get_cluster(&sys, "mig").await;
+    let (shrunk, _) = sys.get_cluster("mig").await;
     assert_eq!(shrunk.chunks, cluster.chunks);
     assert_eq!(slots_per_shard(&shrunk), vec![8192; 2]);
     stop.store(true, Ordering::Relaxed);
@@ -393,6 +388,79 @@ async fn scale_out_and_in_under_writes_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_proxy_killed_mid_task_fails_over_and_the_task_finishes() {
+    // Proxies 0-1 serve the cluster, 2-3 are the chunk it grows onto, 4-5
+    // one free proxy per host to replace the dead one.
+    let mut sys = System::start(6);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster(
+            "src",
+            4,
+            v1::ClusterConfig {
+                durability: v1::Durability::ReplicaAck as i32,
+                replica_ack_timeout_ms: 500,
+                ..Default::default()
+            },
+        )
+        .await;
+    let (_checkers, _co) = sys.start_control_plane().await;
+    let m = sys.start_migrator("mg-1", &[]);
+    preload(&sys, &cluster).await;
+
+    // ~11,000 keys move at 2,000 keys/s: the kill comes mid-way.
+    let (plan, task) = scale(&sys, "src", 8, 2000).await;
+    let victim = plan.moves[0].from_proxy_id.clone();
+    let entry = sys
+        .members(&cluster)
+        .iter()
+        .find(|p| p.id != victim)
+        .unwrap()
+        .resp
+        .clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ledger: Ledger = Arc::default();
+    let jobs = writers(entry.clone(), stop.clone(), ledger.clone());
+    eventually("keys moving", Duration::from_secs(30), || async {
+        progress(&m, "src", &task)
+            .await
+            .filter(|p| p.keys_moved > 1000)
+    })
+    .await;
+
+    // kill -9 the source proxy of the first range with both its Redis
+    // nodes (its host dies): its replica on the partner is promoted, a free
+    // proxy replaces it, and the range's pass starts over on the new master.
+    {
+        let v = sys.proxies.iter_mut().find(|p| p.id == victim).unwrap();
+        v.child.as_mut().unwrap().kill();
+        v.redis[0].kill();
+        v.redis[1].kill();
+    }
+    let done = finished(&m, "src", &task).await;
+    let t = done.task.clone().unwrap();
+    assert_eq!(t.state, MigrationState::Completed as i32, "{t:?}");
+    let first = &t.ranges[0];
+    assert!(
+        !first.cursor_proxy_id.is_empty() && first.cursor_proxy_id != victim,
+        "range 0 did not continue on the promoted replica: {first:?}"
+    );
+    let (grown, _) = sys.get_cluster("src").await;
+    assert!(
+        grown.chunks.iter().all(|c| !c.proxy_ids.contains(&victim)),
+        "{grown:?}"
+    );
+    assert_eq!(slots_per_shard(&grown), vec![4096; 4]);
+    sys.wait_cluster_ok(&grown).await;
+    stop.store(true, Ordering::Relaxed);
+    for j in jobs {
+        j.await.unwrap();
+    }
+    verify(&entry).await;
+    check_ledger(&entry, &ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_resumed_restarted_and_cancelled_tasks_keep_every_key() {
     let sys = System::start(4);
     sys.register_all().await;
@@ -405,25 +473,10 @@ async fn paused_resumed_restarted_and_cancelled_tasks_keep_every_key() {
 
     // Slow enough to act on mid-way: ~11,000 keys move at 3,000 keys/s.
     let (_, task) = scale(&sys, "ctl", 8, 3000).await;
-    let get = |m: &Service| {
-        let url = m.url();
-        let task = task.clone();
-        async move {
-            MigratorClient::connect(url)
-                .await
-                .ok()?
-                .get_migration(v1::GetMigrationRequest {
-                    cluster: "ctl".into(),
-                    task_id: task,
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .progress
-        }
-    };
     eventually("keys moving", Duration::from_secs(30), || async {
-        get(&m).await.filter(|p| p.keys_moved > 500)
+        progress(&m, "ctl", &task)
+            .await
+            .filter(|p| p.keys_moved > 500)
     })
     .await;
     migrator(&m)
@@ -436,7 +489,7 @@ async fn paused_resumed_restarted_and_cancelled_tasks_keep_every_key() {
         .expect("pause");
     // Paused: the runner saves its state and stops moving.
     let paused = eventually("the runner to stop", Duration::from_secs(10), || async {
-        get(&m)
+        progress(&m, "ctl", &task)
             .await
             .filter(|p| p.task.as_ref().is_some_and(|t| t.keys_per_second == 0.0))
     })
@@ -448,7 +501,7 @@ async fn paused_resumed_restarted_and_cancelled_tasks_keep_every_key() {
     let moved = paused.keys_moved;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        get(&m).await.unwrap().keys_moved,
+        progress(&m, "ctl", &task).await.unwrap().keys_moved,
         moved,
         "moved while paused"
     );
@@ -464,7 +517,9 @@ async fn paused_resumed_restarted_and_cancelled_tasks_keep_every_key() {
         .await
         .expect("resume");
     eventually("progress after resume", Duration::from_secs(30), || async {
-        get(&m).await.filter(|p| p.keys_moved > moved + 500)
+        progress(&m, "ctl", &task)
+            .await
+            .filter(|p| p.keys_moved > moved + 500)
     })
     .await;
     // Kill the migrator mid-task; the next one resumes from etcd.
@@ -479,7 +534,7 @@ async fn paused_resumed_restarted_and_cancelled_tasks_keep_every_key() {
     verify(&entry).await;
 
     // Cancel a scale-in mid-way: what moved comes back.
-    let before = get_cluster(&sys, "ctl").await.0;
+    let before = sys.get_cluster("ctl").await.0;
     let (_, back) = scale(&sys, "ctl", 4, 3000).await;
     eventually("keys moving back", Duration::from_secs(30), || async {
         MigratorClient::connect(m2.url())
@@ -508,7 +563,7 @@ async fn paused_resumed_restarted_and_cancelled_tasks_keep_every_key() {
     let t = done.task.as_ref().unwrap();
     assert_eq!(t.state, MigrationState::Cancelled as i32, "{t:?}");
     assert!(t.ranges.iter().any(|r| r.reverse), "{t:?}");
-    let after = get_cluster(&sys, "ctl").await.0;
+    let after = sys.get_cluster("ctl").await.0;
     assert_eq!(after.chunks, before.chunks);
     assert_eq!(after.slots, before.slots);
     verify(&entry).await;

@@ -116,12 +116,7 @@ async fn dashboards_and_alert_rules_query_what_the_services_export() {
             },
         )
         .await;
-    let checkers = [
-        sys.start_service("redmesh-health-checker", "hc-a", &[]),
-        sys.start_service("redmesh-health-checker", "hc-b", &[]),
-        sys.start_service("redmesh-health-checker", "hc-c", &[]),
-    ];
-    let co = sys.start_service("redmesh-coordinator", "co-1", &[]);
+    let (checkers, co) = sys.start_control_plane().await;
     let migrator = sys.start_migrator("mg-1", &[]);
 
     // Prometheus scrapes them all every second and evaluates the rules.
