@@ -34,8 +34,7 @@ bench_build # first: a failed build leaves nothing to clean up
 bench_init
 failover_python
 
-cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
-say "machine: $(nproc) CPUs ($cpu_model), $(redis-server --version | grep -o 'v=[^ ]*'), redis-py $("$FAILOVER_PY" -c 'import redis; print(redis.__version__)'), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+bench_header "redis-py $("$FAILOVER_PY" -c 'import redis; print(redis.__version__)')"
 
 # --- the redmesh system -------------------------------------------------------------
 say "starting etcd, the broker and 6 proxies (12 redis-server nodes)"

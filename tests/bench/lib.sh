@@ -60,7 +60,7 @@ bench_build() {
     say "building release binaries"
     (cd "$ROOT" && cargo build --release --bins --quiet)
   fi
-  for b in redmesh-broker redmesh-proxy redmesh-health-checker redmesh-coordinator redmeshctl; do
+  for b in redmesh-broker redmesh-proxy redmesh-health-checker redmesh-coordinator redmesh-migrator redmeshctl; do
     [ -x "$BIN/$b" ] || die "$BIN/$b is missing; build with: cargo build --release --bins"
   done
 }
@@ -137,6 +137,21 @@ bench_spawn() {
   echo $! >"$PIDS/$name.pid"
 }
 
+# bench_stop NAME...: stops started processes (TERM, then KILL after 10 s)
+# and forgets them, so bench_check_alive no longer expects them.
+bench_stop() {
+  local name pid deadline
+  for name in "$@"; do
+    pid=$(cat "$PIDS/$name.pid")
+    kill -TERM "$pid" 2>/dev/null || true
+    deadline=$((SECONDS + 10))
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    rm -f "$PIDS/$name.pid"
+  done
+}
+
 # bench_pid NAME: pid of a started process.
 bench_pid() { cat "$PIDS/$1.pid"; }
 
@@ -173,17 +188,47 @@ bench_start_etcd() {
   wait_for etcd 30 etcdctl --endpoints "$ETCD_URL" endpoint health
 }
 
-# bench_start_broker: the broker on a free port, following this run's etcd.
+# bench_start_broker [ARGS...]: the broker on a free port, following this
+# run's etcd; ARGS are added to its command line. Its migrator is this run's
+# (bench_start_migrator first) or, when none runs, an address nobody serves,
+# never the local system's default one.
 bench_start_broker() {
   bench_free_ports 1
   local port=${FREE_PORTS[0]}
   BROKER_URL="http://127.0.0.1:$port"
-  bench_spawn broker "$BIN/redmesh-broker" --listen "127.0.0.1:$port" --etcd "$ETCD_URL"
+  bench_spawn broker "$BIN/redmesh-broker" --listen "127.0.0.1:$port" --etcd "$ETCD_URL" \
+    --migrator "${MIGRATOR_URL:-127.0.0.1:1}" "$@"
   wait_for broker 30 ctl proxy list
 }
 
-# ctl ARGS...: redmeshctl against this run's broker.
-ctl() { "$BIN/redmeshctl" --broker "$BROKER_URL" "$@"; }
+MIGRATOR_URL=""
+
+# bench_start_migrator [ARGS...]: the migrator on a free port, following this
+# run's etcd (start it before the broker, which forwards scale requests to it).
+bench_start_migrator() {
+  bench_free_ports 1
+  local port=${FREE_PORTS[0]}
+  MIGRATOR_URL="127.0.0.1:$port"
+  bench_spawn migrator "$BIN/redmesh-migrator" --id bench-migrator --listen "$MIGRATOR_URL" \
+    --etcd "$ETCD_URL" "$@"
+  wait_for migrator 30 port_open "$port"
+}
+
+# bench_header [EXTRA]: prints the machine, Redis version, load, commit and
+# run directory, so every report says what it was measured on. EXTRA (e.g.
+# a client library's version) is added to the first line.
+bench_header() {
+  local cpu_model
+  cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+  say "machine: $(nproc) CPUs ($cpu_model), $(redis-server --version | grep -o 'v=[^ ]*')${1:+, $1}, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  # (The commit is HEAD only: the tree may hold uncommitted changes, hence
+  # the binary's build time.)
+  echo "    commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown), proxy binary built $(date -u -r "$BIN/redmesh-proxy" '+%H:%M UTC'), run $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "    state and logs in $BENCH_DIR"
+}
+
+# ctl ARGS...: redmeshctl against this run's broker (and migrator, if any).
+ctl() { "$BIN/redmeshctl" --broker "$BROKER_URL" ${MIGRATOR_URL:+--migrator "http://$MIGRATOR_URL"} "$@"; }
 
 # bench_start_redis NAME PORT: a plain redis-server without persistence
 # (--save '' --appendonly no: a benchmark must not measure fsync or fork).

@@ -34,12 +34,7 @@ bench_build # first: a failed build leaves nothing to clean up
 bench_init
 
 # --- the machine, for the record ------------------------------------------------
-cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
-say "machine: $(nproc) CPUs ($cpu_model), $(redis-server --version | grep -o 'v=[^ ]*'), load average $(cut -d' ' -f1-3 /proc/loadavg)"
-# (The commit is HEAD only: the tree may hold uncommitted changes, hence the
-# binary's build time.)
-echo "    commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown), proxy binary built $(date -u -r "$BIN/redmesh-proxy" '+%H:%M UTC'), run $(date -u '+%Y-%m-%d %H:%M UTC')"
-echo "    state and logs in $BENCH_DIR"
+bench_header
 echo "    proxy runtime threads: ${REDMESH_BENCH_PROXY_THREADS:-0} (0: one per CPU; REDMESH_BENCH_PROXY_THREADS)"
 if [ "$(nproc)" -le 2 ]; then
   echo "    note: with $(nproc) CPUs, redis-benchmark, redis-server and the proxy compete for CPU;"

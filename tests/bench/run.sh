@@ -21,6 +21,8 @@ scenarios:
   failover  time from kill -9 of a master to the first successful write to
           its slots, redmesh vs. the official Redis Cluster (node-timeout
           1000 and the default 15000); several minutes
+  migration  live scale-out of 1,000,000 x 64 B and 20,000 x 16 KiB keys vs.
+          redis-cli --cluster reshard of the official Redis Cluster
 
 environment:
   REDMESH_BENCH_BUILD=0     do not run `cargo build --release --bins` first
@@ -28,6 +30,8 @@ environment:
   REDMESH_BENCH_REPS=K      measured pairs per row, median reported (default 3)
   REDMESH_BENCH_KILLS=N     kills per system in the failover scenario (default 5)
   REDMESH_BENCH_PROXY_THREADS=T  proxy runtime worker threads (default 0: one per CPU)
+  REDMESH_BENCH_SMALL_KEYS=N  keys of 64 B in the migration scenario (default 1000000)
+  REDMESH_BENCH_BIG_KEYS=N    keys of 16 KiB in the migration scenario (default 20000)
   REDMESH_BENCH_KEEP=1      keep the run's state and logs directory
 USAGE
   exit 2
@@ -36,7 +40,7 @@ USAGE
 [ $# -eq 1 ] || usage
 case "$1" in
   -h | --help) usage ;;
-  */* | .* | lib | failover_official) usage ;; # only scenario files, not paths or helper libraries
+  */* | .* | lib | failover_official | migration_data) usage ;; # only scenario files, not paths or helper libraries
 esac
 scenario="$HERE/$1.sh"
 [ -f "$scenario" ] || { echo "unknown scenario: $1" >&2; usage; }
