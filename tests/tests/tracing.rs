@@ -305,42 +305,29 @@ async fn a_cluster_scale_is_one_trace_from_the_command_to_the_proxies() {
         "{watch}\nnot under {root}"
     );
     // → proxies: the migrator asks the source proxies for their sizes to
-    // estimate the plan while it serves the call.
-    let info = receiver
-        .until(
-            "a proxy's span inside the migrator's StartMigration",
-            |spans| {
-                spans
-                    .iter()
-                    .find(|s| {
-                        s.service == "redmesh-proxy"
-                            && s.name == "redmesh.v1.ProxyAdmin/GetInfo"
-                            && s.descends_from(&start, spans)
-                    })
-                    .cloned()
-            },
-        )
-        .await;
-    assert_eq!(info.trace_id, root.trace_id, "{info}");
-    // The leader moves the keys later, in the background, possibly on
-    // another migrator instance; the task record carries the trace, so the
-    // proxies' MigrateBatch spans are part of it too.
-    let batch = receiver
-        .until(
-            "a proxy's MigrateBatch span inside the migrator's StartMigration",
-            |spans| {
-                spans
-                    .iter()
-                    .find(|s| {
-                        s.service == "redmesh-proxy"
-                            && s.name == "redmesh.v1.ProxyAdmin/MigrateBatch"
-                            && s.descends_from(&start, spans)
-                    })
-                    .cloned()
-            },
-        )
-        .await;
-    assert_eq!(batch.trace_id, root.trace_id, "{batch}");
+    // estimate the plan while it serves the call; the leader moves the keys
+    // later, in the background, possibly on another migrator instance, and
+    // the task record carries the trace, so the proxies' MigrateBatch spans
+    // are part of it too.
+    for method in ["GetInfo", "MigrateBatch"] {
+        let name = format!("redmesh.v1.ProxyAdmin/{method}");
+        let span = receiver
+            .until(
+                &format!("a proxy's {method} span inside the migrator's StartMigration"),
+                |spans| {
+                    spans
+                        .iter()
+                        .find(|s| {
+                            s.service == "redmesh-proxy"
+                                && s.name == name
+                                && s.descends_from(&start, spans)
+                        })
+                        .cloned()
+                },
+            )
+            .await;
+        assert_eq!(span.trace_id, root.trace_id, "{span}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,11 +6,15 @@
 //! Keys hash onto a fixed table of stripes; a holder of several keys takes
 //! their stripes in ascending order, so two holders never wait on each other
 //! in a cycle. Only migrating slots pay for this.
+//!
+//! A key held for long (a big key copied in pieces, seconds) is held by its
+//! exact name instead, so the other keys of its stripe are not held up.
 
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
 /// Stripes: enough that unrelated keys rarely share one while a batch of a
 /// thousand keys is held.
@@ -20,6 +24,8 @@ const STRIPES: usize = 8192;
 pub struct KeyLocks {
     stripes: Vec<Arc<Mutex<()>>>,
     hasher: std::collections::hash_map::RandomState,
+    /// Keys under a long hold, with what their waiters wait on.
+    long: std::sync::Mutex<HashMap<Vec<u8>, Arc<Notify>>>,
 }
 
 impl std::fmt::Debug for KeyLocks {
@@ -35,6 +41,23 @@ impl Default for KeyLocks {
         Self {
             stripes: (0..STRIPES).map(|_| Arc::new(Mutex::new(()))).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
+            long: std::sync::Mutex::default(),
+        }
+    }
+}
+
+/// A long hold of one key; dropping it releases the key.
+#[derive(Debug)]
+pub struct LongHeld {
+    locks: Arc<KeyLocks>,
+    key: Vec<u8>,
+}
+
+impl Drop for LongHeld {
+    fn drop(&mut self) {
+        let mut long = self.locks.long.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = long.remove(&self.key) {
+            n.notify_waiters();
         }
     }
 }
@@ -52,6 +75,43 @@ impl KeyLocks {
 
     /// Waits for the locks of every key in `keys`.
     pub async fn lock<K: AsRef<[u8]>>(&self, keys: &[K]) -> Held {
+        loop {
+            let held = self.lock_stripes(keys).await;
+            // A key under a long hold: wait for its release, then start
+            // over. The wait is registered under the table's mutex, which
+            // the release takes too, so no release is missed.
+            let released = {
+                let long = self.long.lock().unwrap_or_else(|e| e.into_inner());
+                keys.iter()
+                    .find_map(|k| long.get(k.as_ref()))
+                    .map(|n| n.clone().notified_owned())
+            };
+            match released {
+                None => return held,
+                Some(released) => {
+                    drop(held);
+                    released.await;
+                }
+            }
+        }
+    }
+
+    /// Holds `key` for a long time: once every current holder is done, the
+    /// key is marked as held by name and its stripe released.
+    pub async fn lock_long(self: &Arc<Self>, key: &[u8]) -> LongHeld {
+        let held = self.lock(&[key]).await;
+        self.long
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_vec(), Arc::new(Notify::new()));
+        drop(held);
+        LongHeld {
+            locks: Arc::clone(self),
+            key: key.to_vec(),
+        }
+    }
+
+    async fn lock_stripes<K: AsRef<[u8]>>(&self, keys: &[K]) -> Held {
         let mut ids: Vec<usize> = keys.iter().map(|k| self.stripe(k.as_ref())).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -65,6 +125,30 @@ impl KeyLocks {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_long_hold_blocks_its_key_but_not_its_stripe() {
+        let locks = Arc::new(KeyLocks::default());
+        let big = b"big".as_slice();
+        // Another key of the same stripe.
+        let neighbour = (0..100_000)
+            .map(|i| format!("k{i}"))
+            .find(|k| locks.stripe(k.as_bytes()) == locks.stripe(big))
+            .unwrap();
+        let long = locks.lock_long(big).await;
+        tokio::time::timeout(Duration::from_secs(5), locks.lock(&[neighbour.as_bytes()]))
+            .await
+            .expect("a neighbour of a long-held key waits");
+        let l2 = locks.clone();
+        let waiter = tokio::spawn(async move { l2.lock(&[b"big".as_slice()]).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "a long-held key was taken");
+        drop(long);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("a released long hold is taken")
+            .unwrap();
+    }
+
     use std::time::Duration;
 
     use super::*;

@@ -547,7 +547,9 @@ impl Mover {
         key: Bytes,
         require_confirm: bool,
     ) -> Result<Moved, MigrateError> {
-        let held = self.locks.lock(std::slice::from_ref(&key)).await;
+        // Held by name, not by stripe: the copy takes seconds, and other
+        // keys of the stripe must not wait for it.
+        let held = self.locks.lock_long(&key).await;
         let r = pipeline(src, &[cmd(&[b"TYPE", &key])]).await?;
         let kind = match &r[0] {
             Frame::Simple(t) => t.clone(),
