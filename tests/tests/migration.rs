@@ -850,3 +850,85 @@ async fn big_collections_move_in_pieces_without_stalling_other_keys() {
         assert!(left.is_empty(), "temporary keys left on {addr}: {left:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_blocked_on_a_slot_that_moves_are_redirected() {
+    let sys = System::start(4);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("blk", 4, v1::ClusterConfig::default())
+        .await;
+    let m = sys.start_migrator("mg-1", &[]);
+    let plan = dry_run(&sys, "blk", 8).await;
+    // A list nobody has pushed to yet, in a slot that moves.
+    let queue = moving_key(&plan, "queue:");
+    let (owner, node) = sys.key_master(&cluster, queue.as_bytes());
+    let blocked = |addr: String| {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+            let mut c = redis::Client::open(format!("redis://{addr}"))
+                .unwrap()
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .unwrap();
+            redis::cmd("BLPOP")
+                .arg(&queue)
+                .arg(0)
+                .query_async::<redis::Value>(&mut c)
+                .await
+        })
+    };
+    // A cluster client on the owner's cluster listener, a plain one on its
+    // plain listener; both wait at the owner's master node.
+    let cluster_client = blocked(owner.resp.clone());
+    let plain_client = blocked(owner.plain.clone());
+    let node_addr = node.addr.clone();
+    eventually("both clients blocked", Duration::from_secs(10), || async {
+        let mut c = redis::Client::open(format!("redis://{node_addr}"))
+            .ok()?
+            .get_multiplexed_async_connection()
+            .await
+            .ok()?;
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut c)
+            .await
+            .ok()?;
+        (list.matches("cmd=blpop").count() == 2).then_some(())
+    })
+    .await;
+
+    let (_, task) = scale(&sys, "blk", 8, 0).await;
+    let t = finished(&m, "blk", &task).await.task.unwrap();
+    assert_eq!(t.state, MigrationState::Completed as i32, "{t:?}");
+    let (grown, _) = sys.get_cluster("blk").await;
+    let (new_owner, _) = sys.key_master(&grown, queue.as_bytes());
+    assert_ne!(new_owner.id, owner.id);
+    // Redirected as Redis Cluster does, not left waiting on the old node.
+    let wait = |h: tokio::task::JoinHandle<redis::RedisResult<redis::Value>>| async move {
+        tokio::time::timeout(Duration::from_secs(30), h)
+            .await
+            .expect("a blocked client was not released when its slot moved")
+            .unwrap()
+    };
+    let e = wait(cluster_client).await.expect_err("a redirection");
+    assert_eq!(e.code(), Some("MOVED"), "{e}");
+    assert!(
+        e.to_string().contains(&new_owner.resp),
+        "{e} does not name the new owner {}",
+        new_owner.resp
+    );
+    let e = wait(plain_client).await.expect_err("a retry request");
+    assert_eq!(e.code(), Some("TRYAGAIN"), "{e}");
+    // Retried where the redirection says, the pop works.
+    let mut c = cluster_conn(&new_owner.resp).await;
+    let () = c.rpush(&queue, "job").await.unwrap();
+    let popped: (String, String) = redis::cmd("BLPOP")
+        .arg(&queue)
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(popped.1, "job");
+}

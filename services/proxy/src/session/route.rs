@@ -16,6 +16,8 @@ use super::commands::{cluster_local, lower, ready, top_name};
 use super::{
     await_reply, backend_failure, err, known, Dispatch, Pending, ReplyFuture, Session, Shared,
 };
+use tokio::sync::watch;
+
 use crate::compress;
 use crate::locks::KeyLocks;
 use crate::routing::{RouteTable, Serving, SlotRoute, Target};
@@ -133,6 +135,53 @@ pub(super) fn tryagain_moving(slot: Slot) -> Frame {
     ))
 }
 
+/// What a blocking command on a local node keeps an eye on while it
+/// waits: if its slot leaves the node (a migration commits, a failover
+/// moves it), Redis Cluster answers `-MOVED`; a plain Redis node would keep
+/// the client blocked on keys that now live elsewhere, for ever with a zero
+/// timeout. So the proxy unblocks it and redirects.
+#[derive(Clone)]
+struct SlotWatch {
+    slot: Slot,
+    node: u8,
+    tables: watch::Receiver<Arc<RouteTable>>,
+    /// A plain client cannot follow `-MOVED`; it gets `-TRYAGAIN`.
+    plain: bool,
+}
+
+impl SlotWatch {
+    /// Resolves, with the client's reply, once the slot is no longer
+    /// served by the node; never while it is (a migration in progress
+    /// keeps it, as in Redis Cluster).
+    async fn left(&mut self) -> Frame {
+        loop {
+            let table = self.tables.borrow_and_update().clone();
+            if let Ok(c) = &table.serving {
+                match c.slot(self.slot).route {
+                    SlotRoute::Local(n) if n == self.node => {}
+                    SlotRoute::Moved(i) if !self.plain => {
+                        return err(format!(
+                            "MOVED {} {}",
+                            self.slot,
+                            c.peers[usize::from(i)].addr
+                        ))
+                    }
+                    _ => {
+                        return err(format!(
+                            "TRYAGAIN slot {} moved while the command was blocked; retry it",
+                            self.slot
+                        ))
+                    }
+                }
+            }
+            if self.tables.changed().await.is_err() {
+                // The proxy is shutting down; the connection goes with it.
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
 /// How a command runs once its target is known.
 #[derive(Clone)]
 struct Exec {
@@ -140,6 +189,8 @@ struct Exec {
     proto: Protocol,
     /// A blocking command (dedicated connection, no reply timeout).
     blocking: bool,
+    /// For a blocking command on a local node: its slot, watched.
+    watch: Option<SlotWatch>,
     /// `replica_ack`: confirm the write with `WAIT 1 <ms>`.
     ack: Option<u32>,
     /// Values in the reply may be compressed.
@@ -162,6 +213,7 @@ fn execute(table: &Arc<RouteTable>, target: Target, e: Exec) -> Pending {
         raw,
         proto,
         blocking,
+        watch,
         ack,
         decompress,
     } = e;
@@ -173,7 +225,12 @@ fn execute(table: &Arc<RouteTable>, target: Target, e: Exec) -> Pending {
         let keep = (!blocking).then(|| table.clone());
         return Pending::Later(Box::pin(async move {
             let reply = match pool {
-                Some(pool) => dedicated_call(&pool, raw, blocking, ack, proto).await,
+                Some(pool) => match (blocking, watch, target) {
+                    (true, Some(w), Target::Local(n)) if n == w.node => {
+                        blocking_call(&pool, raw, w, proto).await
+                    }
+                    _ => dedicated_call(&pool, raw, blocking, ack, proto).await,
+                },
                 None => err("CLUSTERDOWN no connection to the owner").to_bytes(proto),
             };
             drop(keep);
@@ -286,10 +343,21 @@ pub(super) fn data(
         }
         _ => None,
     };
+    let blocking = blocks(cmd, args);
+    let watch = match target {
+        Target::Local(node) if blocking => Some(SlotWatch {
+            slot,
+            node,
+            tables: shared.table.clone(),
+            plain: s.plain(c),
+        }),
+        _ => None,
+    };
     let exec = Exec {
         raw: compress::request(c, top_name(cmd), req).raw().clone(),
         proto: s.protocol,
-        blocking: blocks(cmd, args),
+        blocking,
+        watch,
         ack,
         decompress: c.compression != Compression::None && compress::has_values(top_name(cmd)),
     };
@@ -456,6 +524,59 @@ async fn dedicated_call(
         pool.put(conn);
     }
     confirmed.unwrap_or_else(|e| e)
+}
+
+/// Runs a blocking command that gives way when its slot leaves the node
+/// (see [`SlotWatch`]): the connection's `CLIENT ID` is asked for in the
+/// same write, and if the slot leaves first, `CLIENT UNBLOCK <id> ERROR`
+/// from another connection ends the wait. Whatever the node answers then
+/// is the answer: a pop that happened just before is delivered, never lost;
+/// only the unblocked error turns into the redirection.
+async fn blocking_call(
+    pool: &crate::dedicated::DedicatedPool,
+    raw: Bytes,
+    mut w: SlotWatch,
+    proto: Protocol,
+) -> Bytes {
+    let mut conn = match pool.get().await {
+        Ok(c) => c,
+        Err(e) => return backend_failure(&e).to_bytes(proto),
+    };
+    let client_id = Bytes::from_static(b"*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n");
+    if let Err(e) = conn.send(&[&client_id, &raw]).await {
+        return backend_failure(&e).to_bytes(proto);
+    }
+    let id = match conn.reply().await.map(|r| parse_frame(&r)) {
+        Ok(Ok(Some((Frame::Integer(id), _)))) => id,
+        Ok(_) => return err("ERR unexpected reply to CLIENT ID").to_bytes(proto),
+        Err(e) => return backend_failure(&e).to_bytes(proto),
+    };
+    let (reply, redirect) = tokio::select! {
+        r = conn.reply_blocking() => (r, None),
+        redirect = w.left() => {
+            let mut unblock = bytes::BytesMut::new();
+            let id = id.to_string();
+            encode_command(&[b"CLIENT".as_slice(), b"UNBLOCK", id.as_bytes(), b"ERROR"], &mut unblock);
+            let unblock = unblock.freeze();
+            match pool.get().await {
+                Ok(mut other) => {
+                    if other.send(&[&unblock]).await.is_ok() && other.reply().await.is_ok() {
+                        pool.put(other);
+                    }
+                }
+                Err(e) => return backend_failure(&e).to_bytes(proto),
+            }
+            (conn.reply_blocking().await, Some(redirect))
+        }
+    };
+    match (reply, redirect) {
+        (Ok(r), Some(redirect)) if r.starts_with(b"-UNBLOCKED") => redirect.to_bytes(proto),
+        (Ok(r), _) => {
+            pool.put(conn);
+            r
+        }
+        (Err(e), _) => backend_failure(&e).to_bytes(proto),
+    }
 }
 
 /// After a write's `reply` on `conn`: `WAIT 1 ms`, and the reply only if
@@ -899,6 +1020,7 @@ fn split(
                         raw,
                         proto,
                         blocking: false,
+                        watch: None,
                         ack: None,
                         decompress: false,
                     },
