@@ -215,6 +215,26 @@ async fn check_ledger(entry: &str, ledger: &Ledger) {
     }
 }
 
+/// Pauses the task and waits until its runner has stopped.
+async fn pause(m: &Service, cluster: &str, task: &str) -> v1::MigrationProgress {
+    migrator(m)
+        .await
+        .pause_migration(v1::PauseMigrationRequest {
+            cluster: cluster.into(),
+            task_id: task.into(),
+        })
+        .await
+        .expect("pause");
+    eventually("the runner to stop", Duration::from_secs(30), || async {
+        progress(m, cluster, task).await.filter(|p| {
+            p.task.as_ref().is_some_and(|t| {
+                t.state == MigrationState::Paused as i32 && t.keys_per_second == 0.0
+            })
+        })
+    })
+    .await
+}
+
 /// Waits for the task to end and returns it.
 /// The task's progress, as the migrator `m` reports it.
 async fn progress(m: &Service, cluster: &str, task: &str) -> Option<v1::MigrationProgress> {
@@ -442,6 +462,52 @@ async fn a_source_proxy_killed_mid_task_fails_over_and_the_task_finishes() {
         v.redis[0].kill();
         v.redis[1].kill();
     }
+    // Paused while the coordinator fails over: the failover leaves the
+    // cluster marked as migrated by the task, so a second scale and a
+    // delete are refused meanwhile.
+    pause(&m, "src", &task).await;
+    let (healed, _) = eventually(
+        "the dead proxy replaced",
+        Duration::from_secs(60),
+        || async {
+            let (c, proxies) = sys.get_cluster("src").await;
+            let replaced = c.chunks.iter().all(|ch| !ch.proxy_ids.contains(&victim))
+                && c.shards.iter().all(|s| !s.replicas.is_empty());
+            replaced.then_some((c, proxies))
+        },
+    )
+    .await;
+    let mark = healed.task.clone().unwrap_or_default();
+    assert_eq!(
+        (mark.kind, mark.id.as_str()),
+        (v1::ClusterTaskKind::Migrating as i32, task.as_str()),
+        "{healed:?}"
+    );
+    let mut b = sys.broker().await;
+    let again = b
+        .scale_cluster(v1::ScaleClusterRequest {
+            name: "src".into(),
+            node_count: 12,
+            dry_run: false,
+            rate: None,
+        })
+        .await
+        .expect_err("a second scale during the task");
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+    let delete = b
+        .delete_cluster(v1::DeleteClusterRequest { name: "src".into() })
+        .await
+        .expect_err("a delete during the task");
+    assert_eq!(delete.code(), tonic::Code::FailedPrecondition, "{delete:?}");
+    assert!(delete.message().contains(&task), "{delete:?}");
+    migrator(&m)
+        .await
+        .resume_migration(v1::ResumeMigrationRequest {
+            cluster: "src".into(),
+            task_id: task.clone(),
+        })
+        .await
+        .expect("resume");
     let done = finished(&m, "src", &task).await;
     let t = done.task.clone().unwrap();
     assert_eq!(t.state, MigrationState::Completed as i32, "{t:?}");
@@ -484,25 +550,8 @@ async fn paused_resumed_restarted_and_cancelled_tasks_keep_every_key() {
             .filter(|p| p.keys_moved > 500)
     })
     .await;
-    migrator(&m)
-        .await
-        .pause_migration(v1::PauseMigrationRequest {
-            cluster: "ctl".into(),
-            task_id: task.clone(),
-        })
-        .await
-        .expect("pause");
     // Paused: the runner saves its state and stops moving.
-    let paused = eventually("the runner to stop", Duration::from_secs(10), || async {
-        progress(&m, "ctl", &task)
-            .await
-            .filter(|p| p.task.as_ref().is_some_and(|t| t.keys_per_second == 0.0))
-    })
-    .await;
-    assert_eq!(
-        paused.task.as_ref().unwrap().state,
-        MigrationState::Paused as i32
-    );
+    let paused = pause(&m, "ctl", &task).await;
     let moved = paused.keys_moved;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -931,4 +980,39 @@ async fn clients_blocked_on_a_slot_that_moves_are_redirected() {
         .await
         .unwrap();
     assert_eq!(popped.1, "job");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_cluster_record_vanishes_fails() {
+    let sys = System::start(4);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("gone", 4, v1::ClusterConfig::default())
+        .await;
+    let m = sys.start_migrator("mg-1", &[]);
+    preload(&sys, &cluster).await;
+    let (_, task) = scale(&sys, "gone", 8, 500).await;
+    pause(&m, "gone", &task).await;
+    // The broker refuses to delete a cluster mid-migration; an operator
+    // editing etcd does not ask. The task must not go on changing a
+    // cluster that is not its own (or, recreated, is another one).
+    let store = redmesh_store::EtcdStore::connect(
+        std::slice::from_ref(&sys.etcd.endpoint),
+        &redmesh_store::EtcdOptions::default(),
+    )
+    .await
+    .unwrap();
+    use redmesh_store::MetaStore;
+    assert!(store.delete("/redmesh/v1/clusters/gone").await.unwrap());
+    migrator(&m)
+        .await
+        .resume_migration(v1::ResumeMigrationRequest {
+            cluster: "gone".into(),
+            task_id: task.clone(),
+        })
+        .await
+        .expect("resume");
+    let t = finished(&m, "gone", &task).await.task.unwrap();
+    assert_eq!(t.state, MigrationState::Failed as i32, "{t:?}");
+    assert!(t.error.contains("deleted"), "{t:?}");
 }

@@ -8,8 +8,8 @@ use std::collections::HashSet;
 use std::time::SystemTime;
 
 use redmesh_model::{
-    pick_chunks, ClientMode, Cluster, ClusterConfig, ClusterName, Compression, Durability,
-    ModelError, Proxy, ProxyId, ProxySpec, ProxyState,
+    pick_chunks, ClientMode, Cluster, ClusterConfig, ClusterName, ClusterTaskKind, Compression,
+    Durability, ModelError, Proxy, ProxyId, ProxySpec, ProxyState,
 };
 use redmesh_store::{Change, MetaError, MetaRepo, Snapshot};
 
@@ -251,6 +251,15 @@ impl Ops {
                     .clusters
                     .get(name)
                     .ok_or_else(|| not_found("cluster", name.as_str()))?;
+                if cluster.task.kind == ClusterTaskKind::Migrating {
+                    // Its proxies would return to the pool while keys are
+                    // on their way between them.
+                    return Err(ModelError::FailedPrecondition(format!(
+                        "cluster {name} is being scaled by migration task {}; cancel it \
+                         (redmeshctl migration cancel {name}) or let it finish first",
+                        cluster.task.id
+                    )));
+                }
                 let freed: Vec<Proxy> = snap
                     .proxies
                     .values()

@@ -252,11 +252,18 @@ impl Actor {
                     votes.usable(n) && allocated_to(snap.proxies.get(&n.proxy_id), name)
                 })?;
                 let mut next = out.cluster;
-                next.task = ClusterTask {
-                    kind: ClusterTaskKind::FailingOver,
-                    id: format!("failover-{pid}-{epoch}"),
-                    detail: format!("proxy {pid} failed ({reason}); replacing it from the pool"),
-                };
+                // A running migration keeps its mark: it is what tells the
+                // migrator the task still owns the cluster and refuses a
+                // second scale meanwhile. (The failover is in the events.)
+                if next.task.kind != ClusterTaskKind::Migrating {
+                    next.task = ClusterTask {
+                        kind: ClusterTaskKind::FailingOver,
+                        id: format!("failover-{pid}-{epoch}"),
+                        detail: format!(
+                            "proxy {pid} failed ({reason}); replacing it from the pool"
+                        ),
+                    };
+                }
                 let failed = Proxy {
                     state: ProxyState::Failed,
                     cluster: None,
@@ -369,11 +376,9 @@ impl Actor {
                     ..newcomer.clone()
                 };
                 let remaining = holes(&next, |p| p == joined.id() || allocated_to(snap.proxies.get(p), name));
-                next.task = if remaining.is_empty() {
-                    ClusterTask::default()
-                } else {
-                    next.task.clone()
-                };
+                if remaining.is_empty() && next.task.kind == ClusterTaskKind::FailingOver {
+                    next.task = ClusterTask::default();
+                }
                 Ok((
                     Change {
                         put_proxies: vec![joined],
@@ -398,7 +403,8 @@ impl Actor {
                     return Ok((Change::default(), ()));
                 };
                 let detail = format!("degraded: {why}");
-                if cluster.task.detail == detail {
+                if cluster.task.detail == detail || cluster.task.kind == ClusterTaskKind::Migrating
+                {
                     return Ok((Change::default(), ()));
                 }
                 let mut next = cluster.clone();

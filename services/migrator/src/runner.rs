@@ -212,6 +212,17 @@ impl Runner {
         let mut s = self.tasks.get(cluster, id).await?.ok_or(Stop::Idle)?;
         let name = ClusterName::parse(cluster)
             .map_err(|e| Stop::Retry(format!("task of an invalid cluster name: {e}")))?;
+        if let Some(why) = self.orphaned(&name, id).await? {
+            // Nothing of this cluster is the task's any more: going on
+            // could only change a cluster that is not its own.
+            tracing::error!(task = id, cluster, reason = %why, "migration task failed");
+            s.task.state = MigrationState::Failed as i32;
+            s.task.error = why;
+            s.task.keys_per_second = 0.0;
+            s.task.bytes_per_second = 0.0;
+            self.save(l, &mut s).await?;
+            return Err(Stop::Idle);
+        }
         loop {
             match state(&s.task) {
                 MigrationState::Pending => {
@@ -219,6 +230,16 @@ impl Runner {
                     self.save(l, &mut s).await?;
                 }
                 MigrationState::Running | MigrationState::Cancelling => {}
+                MigrationState::Paused
+                    if s.task.keys_per_second != 0.0 || s.task.bytes_per_second != 0.0 =>
+                {
+                    // Paused between batches (or while retrying): the
+                    // record shows it is not moving.
+                    s.task.keys_per_second = 0.0;
+                    s.task.bytes_per_second = 0.0;
+                    self.save(l, &mut s).await?;
+                    return Err(Stop::Idle);
+                }
                 _ => return Err(Stop::Idle),
             }
             if state(&s.task) == MigrationState::Cancelling {
@@ -230,6 +251,20 @@ impl Runner {
                 Next::Move(idxs) => self.move_phase(l, &name, &mut s, idxs).await?,
             }
         }
+    }
+
+    /// Why the task can no longer run, if so: its cluster was deleted, or
+    /// no longer carries the task's mark (deleted and created again).
+    async fn orphaned(&self, name: &ClusterName, id: &str) -> Result<Option<String>, Stop> {
+        let snap = self.repo.snapshot().await?;
+        Ok(match snap.clusters.get(name) {
+            None => Some(format!("cluster {name} was deleted while the task ran")),
+            Some(c) if c.task.id != id => Some(format!(
+                "cluster {name} is no longer marked as migrated by this task (it now shows {:?} {:?}); it was deleted and created again, or its record was edited",
+                c.task.kind, c.task.id
+            )),
+            Some(_) => None,
+        })
     }
 
     /// Persists the task: progress is the runner's, state changes by the
