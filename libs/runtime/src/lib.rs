@@ -1,6 +1,7 @@
 //! Service bootstrap shared by every redmesh binary: common command-line
 //! arguments (etcd, telemetry), shutdown on SIGTERM/SIGINT, the gRPC server
-//! with health and reflection, and reconnect backoff.
+//! with health and reflection, reconnect backoff, and the leader-election
+//! loop.
 //!
 //! Keeping this in one place is what makes every service answer grpcurl,
 //! health probes and Prometheus the same way.
@@ -9,6 +10,7 @@ pub mod args;
 pub mod backoff;
 pub mod grpc;
 pub mod grpc_metrics;
+pub mod leading;
 pub mod shutdown;
 pub mod trace_context;
 

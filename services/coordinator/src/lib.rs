@@ -6,17 +6,13 @@
 //! `switchover` moves masters gracefully on request, `events` records every
 //! decision, `api` serves `Coordinator`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use bytes::Bytes;
-use redmesh_api::convert;
 use redmesh_api::v1::{self, coordinator_server::CoordinatorServer, CoordinatorEventKind};
-use redmesh_runtime::{
-    backoff::reconnect_delays, grpc, CancellationToken, EtcdArgs, TelemetryArgs,
-};
-use redmesh_store::{Election, Leadership, LeaseKeeper, MetaRepo, MetaStore};
+use redmesh_runtime::leading::{campaign_forever, Lead};
+use redmesh_runtime::{grpc, CancellationToken, EtcdArgs, TelemetryArgs};
+use redmesh_store::{Election, Leadership, MetaRepo};
 use tokio::sync::watch;
 use tonic::service::RoutesBuilder;
 
@@ -118,12 +114,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         address: advertise,
     };
     let campaign = tokio::spawn(campaign_forever(
-        actor.clone(),
+        Leader {
+            actor: actor.clone(),
+            candidate: candidate.clone(),
+            lead_tx,
+        },
         store.clone(),
         election.clone(),
         candidate,
         config.lease_ttl,
-        lead_tx,
         shutdown.clone(),
     ));
 
@@ -142,89 +141,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// Campaigns, leads while the lease lives, and campaigns again after
-/// losing it, until shutdown (when it resigns so a standby takes over at
-/// once).
-async fn campaign_forever(
+/// The coordinator's leadership: deciding failures, published to the API
+/// (which answers who leads and refuses actions when not leading).
+struct Leader {
     actor: leader::Actor,
-    store: Arc<dyn MetaStore>,
-    election: Election,
     candidate: v1::Candidate,
-    ttl: Duration,
     lead_tx: watch::Sender<Option<Leadership>>,
-    shutdown: CancellationToken,
-) {
-    let fresh = || reconnect_delays(Duration::from_millis(100), Duration::from_secs(2));
-    let mut delays = fresh();
-    while !shutdown.is_cancelled() {
-        match lead_once(
-            &actor, &store, &election, &candidate, ttl, &lead_tx, &shutdown,
-        )
-        .await
-        {
-            Ok(()) => delays = fresh(),
-            Err(e) => {
-                tracing::warn!(error = %e, "coordinator election failed; campaigning again");
-            }
-        }
-        lead_tx.send_replace(None);
-        metrics::gauge!("redmesh_coordinator_leader").set(0.0);
-        let pause = delays.next().unwrap_or(Duration::from_secs(2));
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-    }
 }
 
-async fn lead_once(
-    actor: &leader::Actor,
-    store: &Arc<dyn MetaStore>,
-    election: &Election,
-    candidate: &v1::Candidate,
-    ttl: Duration,
-    lead_tx: &watch::Sender<Option<Leadership>>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let lease = LeaseKeeper::start(store.clone(), ttl).await?;
-    let value = Bytes::from(convert::encode(candidate));
-    let leadership = tokio::select! {
-        _ = shutdown.cancelled() => {
-            let _ = lease.revoke().await;
-            return Ok(());
-        }
-        _ = lease.lost() => anyhow::bail!("lease lost while campaigning"),
-        l = election.campaign(lease.id(), value) => l?,
-    };
-    tracing::info!(id = %candidate.id, "leading the coordinators");
-    metrics::gauge!("redmesh_coordinator_leader").set(1.0);
-    lead_tx.send_replace(Some(leadership.clone()));
-    actor
-        .events
-        .record(events::event(
-            CoordinatorEventKind::LeaderElected,
-            "",
-            "",
-            format!(
-                "coordinator {} at {} leads",
-                candidate.id, candidate.address
-            ),
-        ))
-        .await;
-    let stop = CancellationToken::new();
-    let supervise = actor.supervise(&leadership, stop.clone());
-    tokio::pin!(supervise);
-    let outcome = tokio::select! {
-        _ = shutdown.cancelled() => {
-            stop.cancel();
-            lead_tx.send_replace(None);
-            let _ = election.resign(&leadership).await;
-            let _ = lease.revoke().await;
-            Ok(())
-        }
-        _ = lease.lost() => Err(anyhow::anyhow!("leadership lease lost")),
-        _ = &mut supervise => Err(anyhow::anyhow!("lost leadership while acting")),
-    };
-    stop.cancel();
-    outcome
+impl Lead for Leader {
+    fn role(&self) -> &'static str {
+        "coordinator"
+    }
+
+    async fn elected(&self, leadership: &Leadership) {
+        metrics::gauge!("redmesh_coordinator_leader").set(1.0);
+        self.lead_tx.send_replace(Some(leadership.clone()));
+        self.actor
+            .events
+            .record(events::event(
+                CoordinatorEventKind::LeaderElected,
+                "",
+                "",
+                format!(
+                    "coordinator {} at {} leads",
+                    self.candidate.id, self.candidate.address
+                ),
+            ))
+            .await;
+    }
+
+    async fn lead(&self, leadership: &Leadership, stop: CancellationToken) {
+        self.actor.supervise(leadership, stop).await;
+    }
+
+    fn deposed(&self) {
+        self.lead_tx.send_replace(None);
+        metrics::gauge!("redmesh_coordinator_leader").set(0.0);
+    }
 }

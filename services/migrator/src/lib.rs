@@ -10,13 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use bytes::Bytes;
-use redmesh_api::convert;
 use redmesh_api::v1::{self, migrator_server::MigratorServer};
-use redmesh_runtime::{
-    backoff::reconnect_delays, grpc, CancellationToken, EtcdArgs, TelemetryArgs,
-};
-use redmesh_store::{Election, LeaseKeeper, MetaRepo, MetaStore};
+use redmesh_runtime::leading::{campaign_forever, Lead};
+use redmesh_runtime::{grpc, CancellationToken, EtcdArgs, TelemetryArgs};
+use redmesh_store::{Election, Leadership, MetaRepo};
 use tonic::service::RoutesBuilder;
 
 mod api;
@@ -103,7 +100,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         address: advertise,
     };
     let campaign = tokio::spawn(campaign_forever(
-        runner,
+        Leader(runner),
         store.clone(),
         election,
         candidate,
@@ -124,67 +121,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// Campaigns, leads while the lease lives, and campaigns again after
-/// losing it, until shutdown (when it resigns so a standby takes over).
-async fn campaign_forever(
-    runner: runner::Runner,
-    store: Arc<dyn MetaStore>,
-    election: Election,
-    candidate: v1::Candidate,
-    ttl: Duration,
-    shutdown: CancellationToken,
-) {
-    let fresh = || reconnect_delays(Duration::from_millis(100), Duration::from_secs(2));
-    let mut delays = fresh();
-    while !shutdown.is_cancelled() {
-        match lead_once(&runner, &store, &election, &candidate, ttl, &shutdown).await {
-            Ok(()) => delays = fresh(),
-            Err(e) => tracing::warn!(error = %e, "migrator election failed; campaigning again"),
-        }
-        metrics::gauge!("redmesh_migrator_leader").set(0.0);
-        let pause = delays.next().unwrap_or(Duration::from_secs(2));
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-    }
-}
+/// The migrator's leadership: running the tasks.
+struct Leader(runner::Runner);
 
-async fn lead_once(
-    runner: &runner::Runner,
-    store: &Arc<dyn MetaStore>,
-    election: &Election,
-    candidate: &v1::Candidate,
-    ttl: Duration,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let lease = LeaseKeeper::start(store.clone(), ttl).await?;
-    let value = Bytes::from(convert::encode(candidate));
-    let leadership = tokio::select! {
-        _ = shutdown.cancelled() => {
-            let _ = lease.revoke().await;
-            return Ok(());
-        }
-        _ = lease.lost() => anyhow::bail!("lease lost while campaigning"),
-        l = election.campaign(lease.id(), value) => l?,
-    };
-    tracing::info!(id = %candidate.id, "leading the migrators");
-    metrics::gauge!("redmesh_migrator_leader").set(1.0);
-    let stop = CancellationToken::new();
-    let supervise = runner.supervise(&leadership, stop.clone());
-    tokio::pin!(supervise);
-    let outcome = tokio::select! {
-        _ = shutdown.cancelled() => {
-            stop.cancel();
-            let _ = election.resign(&leadership).await;
-            let _ = lease.revoke().await;
-            Ok(())
-        }
-        _ = lease.lost() => Err(anyhow::anyhow!("leadership lease lost")),
-        _ = &mut supervise => Err(anyhow::anyhow!("stopped leading")),
-    };
-    stop.cancel();
-    // Only the leader reports tasks; a former leader's numbers go stale.
-    runner::export_task_states(&[]);
-    outcome
+impl Lead for Leader {
+    fn role(&self) -> &'static str {
+        "migrator"
+    }
+
+    async fn elected(&self, _: &Leadership) {
+        metrics::gauge!("redmesh_migrator_leader").set(1.0);
+    }
+
+    async fn lead(&self, leadership: &Leadership, stop: CancellationToken) {
+        self.0.supervise(leadership, stop).await;
+    }
+
+    fn deposed(&self) {
+        metrics::gauge!("redmesh_migrator_leader").set(0.0);
+        // Only the leader reports tasks; a former leader's numbers go stale.
+        runner::export_task_states(&[]);
+    }
 }
