@@ -235,6 +235,18 @@ async fn pause(m: &Service, cluster: &str, task: &str) -> v1::MigrationProgress 
     .await
 }
 
+/// Resumes a paused task.
+async fn resume(m: &Service, cluster: &str, task: &str) {
+    migrator(m)
+        .await
+        .resume_migration(v1::ResumeMigrationRequest {
+            cluster: cluster.into(),
+            task_id: task.into(),
+        })
+        .await
+        .expect("resume");
+}
+
 /// Waits for the task to end and returns it.
 /// The task's progress, as the migrator `m` reports it.
 async fn progress(m: &Service, cluster: &str, task: &str) -> Option<v1::MigrationProgress> {
@@ -500,14 +512,7 @@ async fn a_source_proxy_killed_mid_task_fails_over_and_the_task_finishes() {
         .expect_err("a delete during the task");
     assert_eq!(delete.code(), tonic::Code::FailedPrecondition, "{delete:?}");
     assert!(delete.message().contains(&task), "{delete:?}");
-    migrator(&m)
-        .await
-        .resume_migration(v1::ResumeMigrationRequest {
-            cluster: "src".into(),
-            task_id: task.clone(),
-        })
-        .await
-        .expect("resume");
+    resume(&m, "src", &task).await;
     let done = finished(&m, "src", &task).await;
     let t = done.task.clone().unwrap();
     assert_eq!(t.state, MigrationState::Completed as i32, "{t:?}");
@@ -562,14 +567,7 @@ async fn paused_resumed_restarted_and_cancelled_tasks_keep_every_key() {
     // Data is consistent mid-migration (reads follow ASK redirects).
     verify(&entry).await;
 
-    migrator(&m)
-        .await
-        .resume_migration(v1::ResumeMigrationRequest {
-            cluster: "ctl".into(),
-            task_id: task.clone(),
-        })
-        .await
-        .expect("resume");
+    resume(&m, "ctl", &task).await;
     eventually("progress after resume", Duration::from_secs(30), || async {
         progress(&m, "ctl", &task)
             .await
@@ -1004,14 +1002,7 @@ async fn a_task_whose_cluster_record_vanishes_fails() {
     .unwrap();
     use redmesh_store::MetaStore;
     assert!(store.delete("/redmesh/v1/clusters/gone").await.unwrap());
-    migrator(&m)
-        .await
-        .resume_migration(v1::ResumeMigrationRequest {
-            cluster: "gone".into(),
-            task_id: task.clone(),
-        })
-        .await
-        .expect("resume");
+    resume(&m, "gone", &task).await;
     let t = finished(&m, "gone", &task).await.task.unwrap();
     assert_eq!(t.state, MigrationState::Failed as i32, "{t:?}");
     assert!(t.error.contains("deleted"), "{t:?}");
