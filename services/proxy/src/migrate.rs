@@ -275,12 +275,12 @@ impl Mover {
         let require_confirm = c.replica_ack_ms.is_some();
         let scan_limit = b.max_keys.max(1).saturating_mul(SCAN_FACTOR);
         let mut claimed = 0u64;
-        let mut rounds = JoinSet::new();
+        let mut rounds = Rounds(JoinSet::new());
         let mut failure = None;
         loop {
             let count = b.max_keys.clamp(16, 1000).to_string();
             let cursor = moved.next_cursor.to_string();
-            let reply = pipeline(
+            let scan = pipeline(
                 &mut scanner,
                 &[cmd(&[
                     b"SCAN",
@@ -289,8 +289,16 @@ impl Mover {
                     count.as_bytes(),
                 ])],
             )
-            .await?;
-            let (next, keys) = parse_scan(&reply[0])?;
+            .await
+            .and_then(|reply| parse_scan(&reply[0]));
+            let (next, keys) = match scan {
+                Ok(found) => found,
+                Err(e) => {
+                    // Rounds in flight finish first (below).
+                    failure.get_or_insert(e);
+                    break;
+                }
+            };
             moved.next_cursor = next;
             moved.scanned += keys.len() as u64;
             let mut ours: Vec<Bytes> = keys
@@ -308,10 +316,10 @@ impl Mover {
                     target: target_pool.clone(),
                     require_confirm,
                 };
-                rounds.spawn(round.run(ours));
+                rounds.0.spawn(round.run(ours));
             }
-            while rounds.len() >= PARALLEL_ROUNDS && failure.is_none() {
-                if let Some(r) = rounds.join_next().await {
+            while rounds.0.len() >= PARALLEL_ROUNDS && failure.is_none() {
+                if let Some(r) = rounds.0.join_next().await {
                     collect(r, &mut moved, &mut failure);
                 }
             }
@@ -324,7 +332,7 @@ impl Mover {
                 break;
             }
         }
-        while let Some(r) = rounds.join_next().await {
+        while let Some(r) = rounds.0.join_next().await {
             collect(r, &mut moved, &mut failure);
         }
         source_pool.put(scanner);
@@ -401,13 +409,19 @@ impl Mover {
             .filter(|(_, e)| matches!(e[0], Frame::Integer(KIND_LONG_STRING)))
             .map(|(k, _)| k)
             .collect();
-        let mut long_values = if long.is_empty() {
+        let long_values = if long.is_empty() {
             Vec::new()
         } else {
             let gets: Vec<Bytes> = long.iter().map(|k| cmd(&[b"GET", k])).collect();
             pipeline(src, &gets).await?
+        };
+        // A key counted as skipped is left where it is; only one that is
+        // gone may be (an error must fail the batch, or a pass could end
+        // with the key still at the source).
+        if let Some(e) = long_values.iter().find_map(|f| reply_error("GET", f)) {
+            return Err(MigrateError::Backend(e));
         }
-        .into_iter();
+        let mut long_values = long_values.into_iter();
         for (k, e) in keys.iter().zip(entries.chunks(3)) {
             let long_value;
             let value = if matches!(e[0], Frame::Integer(KIND_LONG_STRING)) {
@@ -754,6 +768,17 @@ impl Mover {
             keys = keys.len(),
             "could not delete partial copies at the migration destination; they are replaced when the batch is retried"
         );
+    }
+}
+
+/// A batch's rounds in flight. If the batch is dropped (its caller gave
+/// up), they run to their end rather than being cut between the copy and
+/// the delete at the source: each round leaves its keys in one place.
+struct Rounds(JoinSet<Result<Moved, MigrateError>>);
+
+impl Drop for Rounds {
+    fn drop(&mut self) {
+        self.0.detach_all();
     }
 }
 
