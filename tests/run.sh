@@ -24,14 +24,17 @@ if [ ! -x "$PYENV/bin/python" ] || ! "$PYENV/bin/python" -c 'import redis, grpc_
 fi
 export REDMESH_PYTHON="$PYENV/bin/python"
 
-# examples/node runs when Node.js is installed (its test says so otherwise).
+# examples/node and the buf tests (buf lint, the README's buf curl calls)
+# run when Node.js is installed (their tests say so otherwise).
 if command -v npm >/dev/null 2>&1; then
-  if [ ! -d examples/node/node_modules ]; then
-    say "installing examples/node packages (npm ci)"
-    (cd examples/node && npm ci --silent --no-audit --no-fund)
-  fi
+  for dir in examples/node tools/buf; do
+    if [ ! -d "$dir/node_modules" ]; then
+      say "installing $dir packages (npm ci)"
+      (cd "$dir" && npm ci --silent --no-audit --no-fund)
+    fi
+  done
 else
-  say "node/npm not installed: the examples/node test will skip"
+  say "node/npm not installed: the examples/node and buf tests will skip"
 fi
 
 started=$SECONDS
