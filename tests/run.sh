@@ -27,12 +27,17 @@ export REDMESH_PYTHON="$PYENV/bin/python"
 # examples/node and the buf tests (buf lint, the README's buf curl calls)
 # run when Node.js is installed (their tests say so otherwise).
 if command -v npm >/dev/null 2>&1; then
-  for dir in examples/node tools/buf; do
-    if [ ! -d "$dir/node_modules" ]; then
-      say "installing $dir packages (npm ci)"
-      (cd "$dir" && npm ci --silent --no-audit --no-fund)
-    fi
-  done
+  if [ ! -d examples/node/node_modules ]; then
+    say "installing examples/node packages (npm ci)"
+    (cd examples/node && npm ci --silent --no-audit --no-fund)
+  fi
+  # (npm install, not ci: @bufbuild/buf lists a binary package per platform
+  # as optional, and npm ci refuses a lock file that names only the ones a
+  # registry offers; the version stays pinned in package.json and the lock.)
+  if [ ! -x tools/buf/node_modules/.bin/buf ]; then
+    say "installing buf (npm install in tools/buf)"
+    (cd tools/buf && npm install --silent --no-audit --no-fund)
+  fi
 else
   say "node/npm not installed: the examples/node and buf tests will skip"
 fi
