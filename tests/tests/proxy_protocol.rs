@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redmesh_api::v1;
-use redmesh_e2e::harness::raw_exchange;
+use redmesh_e2e::harness::{eventually, raw_exchange};
 use redmesh_e2e::System;
 
 fn text(b: &[u8]) -> String {
@@ -246,11 +246,21 @@ async fn unserved_and_dead_backends_fail_fast_with_clear_errors() {
         "{reply}"
     );
     sys.register_all().await;
-    let reply = text(&raw_exchange(&sys.proxies[0].resp, b"GET k\r\n").unwrap());
-    assert!(
-        reply.starts_with("-CLUSTERDOWN") && reply.contains("not part of any cluster"),
-        "{reply}"
-    );
+    // (The registration reaches the proxy with its next topology push.)
+    let resp = sys.proxies[0].resp.clone();
+    eventually(
+        "the proxy to learn it is registered",
+        Duration::from_secs(10),
+        || async {
+            let reply = text(&raw_exchange(&resp, b"GET k\r\n").map_err(|e| e.to_string())?);
+            if reply.starts_with("-CLUSTERDOWN") && reply.contains("not part of any cluster") {
+                Ok(())
+            } else {
+                Err(reply)
+            }
+        },
+    )
+    .await;
     let cluster = sys
         .create_cluster("fragile", 4, v1::ClusterConfig::default())
         .await;
