@@ -1,4 +1,5 @@
-//! redmeshctl as scripts use it: shell completion and exit codes.
+//! redmeshctl as scripts use it: shell completion, exit codes, and JSON
+//! from every command with `--json`.
 
 use std::process::Command;
 
@@ -42,5 +43,126 @@ fn an_unreachable_broker_exits_3_and_names_it() {
     assert!(
         err.contains("cannot reach the broker") && err.contains(&url),
         "{err}"
+    );
+}
+
+/// Runs redmeshctl with `--json` against `sys` and returns its stdout,
+/// which must be JSON: one document, or (streams) one per line.
+fn json_of(sys: &redmesh_e2e::System, migrator: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(bin_path("redmeshctl"))
+        .args([
+            "--json",
+            "--broker",
+            &sys.broker.url(),
+            "--migrator",
+            migrator,
+        ])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("redmeshctl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "redmeshctl --json {args:?}: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if let Ok(v) = serde_json::from_str(&stdout) {
+        return vec![v];
+    }
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| {
+                panic!("redmeshctl --json {args:?} printed non-JSON ({e}):\n{stdout}")
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_prints_json_with_json_and_refusals_exit_1() {
+    let sys = redmesh_e2e::System::start(6);
+    let migrator = sys.start_migrator("mg-1", &[]);
+    let m = migrator.url();
+    let p = &sys.proxies[5];
+    for q in &sys.proxies {
+        let redis = format!("{},{}", q.redis[0].addr, q.redis[1].addr);
+        let (resp, admin, host) = (&q.resp, &q.admin, &q.host);
+        json_of(
+            &sys,
+            &m,
+            &[
+                "proxy", "register", "--id", &q.id, "--resp", resp, "--admin", admin, "--host",
+                host, "--redis", &redis,
+            ],
+        );
+    }
+    let listed = json_of(&sys, &m, &["proxy", "list", "--state", "free"]);
+    assert_eq!(
+        listed[0]["proxies"].as_array().map(Vec::len),
+        Some(6),
+        "{listed:?}"
+    );
+    json_of(&sys, &m, &["proxy", "get", &p.id]);
+    json_of(&sys, &m, &["cluster", "create", "js", "--nodes", "4"]);
+    let got = json_of(&sys, &m, &["cluster", "get", "js"]);
+    assert_eq!(got[0]["cluster"]["name"], "js", "{got:?}");
+    json_of(&sys, &m, &["cluster", "list"]);
+    json_of(&sys, &m, &["cluster", "set-password", "js"]);
+    let plan = json_of(&sys, &m, &["cluster", "scale", "js", "8", "--dry-run"]);
+    assert!(
+        plan[0]["plan"]["moves"]
+            .as_array()
+            .is_some_and(|v| !v.is_empty()),
+        "{plan:?}"
+    );
+    // A scale followed to its end: progress documents, one per line.
+    let progress = json_of(&sys, &m, &["cluster", "scale", "js", "8"]);
+    assert!(!progress.is_empty());
+    json_of(&sys, &m, &["migration", "get", "js"]);
+    json_of(&sys, &m, &["migration", "list", "js"]);
+    json_of(&sys, &m, &["migration", "watch", "js"]);
+    // A removal of a proxy with no cluster, after one is left free.
+    let free = json_of(&sys, &m, &["proxy", "list", "--state", "free"]);
+    let id = free[0]["proxies"][0]["spec"]["id"]
+        .as_str()
+        .expect("a free proxy")
+        .to_owned();
+    json_of(&sys, &m, &["proxy", "remove", &id]);
+    json_of(&sys, &m, &["cluster", "delete", "js"]);
+    // The control plane's views.
+    let (checkers, co) = sys.start_control_plane().await;
+    let status = json_of(
+        &sys,
+        &m,
+        &["--coordinator", &co.url(), "coordinator", "status"],
+    );
+    assert_eq!(status[0]["isLeader"], true, "{status:?}");
+    json_of(
+        &sys,
+        &m,
+        &["health", "report", "--checker", &checkers[0].url()],
+    );
+
+    // Refusals exit 1 with the gRPC status on stderr, nothing on stdout.
+    let out = Command::new(bin_path("redmeshctl"))
+        .args([
+            "--json",
+            "--broker",
+            &sys.broker.url(),
+            "cluster",
+            "get",
+            "nope",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NOT_FOUND"),
+        "{out:?}"
     );
 }

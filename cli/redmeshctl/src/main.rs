@@ -747,10 +747,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                     .await?
                     .into_inner();
-                if cli.json {
+                let follows = !dry_run && !detach && !resp.task_id.is_empty();
+                if cli.json && follows {
+                    // The answer, then one progress document per line: a
+                    // stream of JSON lines, so the answer is one line too.
+                    println!("{}", serde_json::to_string(&resp)?);
+                } else if cli.json {
                     print_json(&resp)?;
                 } else {
-                    migration::print_plan(&resp.plan.unwrap_or_default());
+                    migration::print_plan(&resp.plan.clone().unwrap_or_default());
                 }
                 if resp.task_id.is_empty() {
                     if !cli.json && !dry_run {
