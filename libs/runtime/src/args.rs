@@ -84,3 +84,12 @@ impl TelemetryArgs {
         Ok(())
     }
 }
+
+/// A service's identity: `id` when given, else `<role>-<listen port>`, which
+/// is unique on one machine and stable across restarts.
+pub fn service_id(role: &str, id: Option<&str>, listen: &str) -> String {
+    id.map(str::to_owned).unwrap_or_else(|| {
+        let port = listen.rsplit(':').next().unwrap_or("0");
+        format!("{role}-{port}")
+    })
+}

@@ -3,6 +3,7 @@
 //! shutdown and backoff, with the service's own work plugged in.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,29 @@ use redmesh_store::{Election, Leadership, LeaseKeeper, MetaStore};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::reconnect_delays;
+
+/// Refuses a lease TTL etcd cannot keep: its leases count whole seconds.
+pub fn check_lease_ttl(ttl: Duration) -> Result<(), String> {
+    if ttl < Duration::from_secs(1) {
+        return Err("--lease-ttl must be at least 1s (etcd leases count whole seconds)".into());
+    }
+    Ok(())
+}
+
+/// Who campaigns: the service's identity ([`crate::args::service_id`]),
+/// reached at `advertise`, else at the address its listener is bound to.
+pub fn candidate(
+    role: &str,
+    id: Option<&str>,
+    listen: &str,
+    advertise: Option<&str>,
+    bound: SocketAddr,
+) -> v1::Candidate {
+    v1::Candidate {
+        id: crate::args::service_id(role, id, listen),
+        address: advertise.map_or_else(|| bound.to_string(), str::to_owned),
+    }
+}
 
 /// What a leader-elected service does with its leadership.
 pub trait Lead: Send + Sync {
@@ -97,4 +121,29 @@ async fn lead_once<L: Lead>(
     };
     stop.cancel();
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_candidate_defaults_to_role_and_port_and_its_bound_address() {
+        let bound: SocketAddr = "10.0.0.5:7420".parse().unwrap();
+        let c = candidate("migrator", None, "0.0.0.0:7420", None, bound);
+        assert_eq!(
+            (c.id.as_str(), c.address.as_str()),
+            ("migrator-7420", "10.0.0.5:7420")
+        );
+        let c = candidate(
+            "migrator",
+            Some("mg-1"),
+            "0.0.0.0:7420",
+            Some("mg.svc:7420"),
+            bound,
+        );
+        assert_eq!((c.id.as_str(), c.address.as_str()), ("mg-1", "mg.svc:7420"));
+        assert!(check_lease_ttl(Duration::from_millis(900)).is_err());
+        assert!(check_lease_ttl(Duration::from_secs(1)).is_ok());
+    }
 }

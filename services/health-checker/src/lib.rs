@@ -60,10 +60,7 @@ pub struct Config {
 impl Config {
     /// The checker's identity.
     pub fn checker_id(&self) -> String {
-        self.id.clone().unwrap_or_else(|| {
-            let port = self.listen.rsplit(':').next().unwrap_or("0");
-            format!("checker-{port}")
-        })
+        redmesh_runtime::args::service_id("checker", self.id.as_deref(), &self.listen)
     }
 }
 

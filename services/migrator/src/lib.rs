@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use redmesh_api::v1::{self, migrator_server::MigratorServer};
-use redmesh_runtime::leading::{campaign_forever, Lead};
+use redmesh_api::v1::migrator_server::MigratorServer;
+use redmesh_runtime::leading::{self, campaign_forever, Lead};
 use redmesh_runtime::{grpc, CancellationToken, EtcdArgs, TelemetryArgs};
 use redmesh_store::{Election, Leadership, MetaRepo};
 use tonic::service::RoutesBuilder;
@@ -67,24 +67,19 @@ fn zero_metrics() {
 
 /// Serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let self_id = config.id.clone().unwrap_or_else(|| {
-        format!(
-            "migrator-{}",
-            config.listen.rsplit(':').next().unwrap_or("0")
-        )
-    });
-    anyhow::ensure!(
-        config.lease_ttl >= Duration::from_secs(1),
-        "--lease-ttl must be at least 1s (etcd leases count whole seconds)"
-    );
+    leading::check_lease_ttl(config.lease_ttl).map_err(anyhow::Error::msg)?;
     zero_metrics();
     let store = config.etcd.connect().await.context("connecting to etcd")?;
     let keys = config.etcd.keys();
     let listener = grpc::bind(&config.listen).await?;
-    let advertise = config
-        .advertise
-        .clone()
-        .unwrap_or(listener.local_addr()?.to_string());
+    let candidate = leading::candidate(
+        "migrator",
+        config.id.as_deref(),
+        &config.listen,
+        config.advertise.as_deref(),
+        listener.local_addr()?,
+    );
+    let self_id = candidate.id.clone();
     let repo = MetaRepo::new(store.clone(), keys.clone());
     let tasks = tasks::Tasks::new(store.clone(), keys.clone());
     let proxies = Arc::new(proxies::ProxyClients::default());
@@ -95,10 +90,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         batch_keys: config.batch_keys,
     };
     let election = Election::new(store.clone(), keys.election("migrator"));
-    let candidate = v1::Candidate {
-        id: self_id.clone(),
-        address: advertise,
-    };
     let campaign = tokio::spawn(campaign_forever(
         Leader(runner),
         store.clone(),
