@@ -52,11 +52,6 @@ impl Service {
         Self::start_full(binary, listen_flag, &addr, args, env)
     }
 
-    /// [`Service::start`] on a given address.
-    pub fn start_at(binary: &str, listen_flag: &str, addr: &str, args: &[String]) -> Self {
-        Self::start_full(binary, listen_flag, addr, args, &[])
-    }
-
     fn start_full(
         binary: &str,
         listen_flag: &str,
@@ -381,18 +376,11 @@ impl System {
     /// requests to (one at a time there; standbys use
     /// [`System::start_service`]).
     pub fn start_migrator(&self, id: &str, extra: &[&str]) -> Service {
-        let mut args = vec![
-            "--etcd".to_owned(),
-            self.etcd.endpoint.clone(),
-            "--id".to_owned(),
-            id.to_owned(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
         Service::start_full(
             "redmesh-migrator",
             "--listen",
             &self.migrator_addr,
-            &args,
+            &self.service_args(id, extra),
             &self.env(),
         )
     }
@@ -401,6 +389,17 @@ impl System {
     /// `redmesh-health-checker`…) on this system's etcd as `id`, with
     /// `extra` arguments.
     pub fn start_service(&self, binary: &str, id: &str, extra: &[&str]) -> Service {
+        Service::start_env(
+            binary,
+            "--listen",
+            &self.service_args(id, extra),
+            &self.env(),
+        )
+    }
+
+    /// A control-plane service's arguments: this system's etcd, `id`, then
+    /// `extra`.
+    fn service_args(&self, id: &str, extra: &[&str]) -> Vec<String> {
         let mut args = vec![
             "--etcd".to_owned(),
             self.etcd.endpoint.clone(),
@@ -408,7 +407,7 @@ impl System {
             id.to_owned(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Service::start_env(binary, "--listen", &args, &self.env())
+        args
     }
 
     /// Three health-checkers and a coordinator, once it leads.

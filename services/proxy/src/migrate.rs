@@ -871,17 +871,12 @@ fn parse_scan(f: &Frame) -> Result<(u64, Vec<Bytes>), MigrateError> {
     let Frame::Array(parts) = f else {
         return Err(reply_error("SCAN", f).map_or_else(bad, MigrateError::Backend));
     };
-    let (Some(next), Some(Frame::Array(keys))) =
-        (parts.first().and_then(Frame::as_bytes), parts.get(1))
-    else {
+    let (Some(next), Some(keys)) = (parts.first().and_then(Frame::as_bytes), parts.get(1)) else {
         return Err(bad());
     };
     let next = std::str::from_utf8(next)
         .ok()
         .and_then(|s| s.parse().ok())
         .ok_or_else(bad)?;
-    Ok((
-        next,
-        keys.iter().filter_map(Frame::as_bytes).cloned().collect(),
-    ))
+    Ok((next, array_items(keys, "SCAN")?))
 }
