@@ -76,20 +76,12 @@ OFFICIAL_MEDIAN_MS="" OFFICIAL_MAX_MS="" OFFICIAL_TSV=""
 OFFICIAL_LAST_MS=""   # ms of the last official_measure_once
 OFFICIAL_LAST_JSON="" # the probe's JSON report of it
 
-# official_spawn I NAME: starts node I under bench_spawn name NAME with its
-# directory and cluster config file from the start (so a restart rejoins with
-# its node id). The bus port is set explicitly (cluster-port, Redis >= 7.0)
-# rather than left at port+10000: the free ports come from the ephemeral
-# range, where port+10000 may be taken or above 65535. No persistence, as
-# in bench_start_redis: a benchmark must not measure fsync or fork.
+# official_spawn I NAME: starts node I under bench_spawn name NAME (its
+# directory is the node's, whatever its name after a restart).
 official_spawn() {
   local i=$1 name=$2
-  local dir="$BENCH_DIR/official-$OFFICIAL_TIMEOUT-$i"
-  mkdir -p "$dir"
-  bench_spawn "$name" redis-server --port "${OFFICIAL_PORTS[$i]}" --bind 127.0.0.1 \
-    --cluster-enabled yes --cluster-port "${OFFICIAL_BUS[$i]}" \
-    --cluster-config-file "$dir/nodes.conf" --cluster-node-timeout "$OFFICIAL_TIMEOUT" \
-    --dir "$dir" --save '' --appendonly no --daemonize no
+  bench_cluster_node "$name" "$BENCH_DIR/official-$OFFICIAL_TIMEOUT-$i" "${OFFICIAL_PORTS[$i]}" \
+    "${OFFICIAL_BUS[$i]}" --cluster-node-timeout "$OFFICIAL_TIMEOUT"
   OFFICIAL_NAMES[i]=$name
 }
 
@@ -265,24 +257,14 @@ print(d["elapsed_ms"], d["attempts"], d["owner_before"], d["owner_after"], d["re
     die "restarted node ${OFFICIAL_PORTS[$idx]} did not rejoin as a replica"
 }
 
-# official_stop: stops the 6 nodes of the running official cluster (TERM,
-# KILL after 10 s), by their pidfiles only, and forgets them.
+# official_stop: stops the nodes of the running official cluster still
+# started (bench_stop) and forgets them.
 official_stop() {
-  local name pid entry stopping=() deadline
+  local name running=()
   for name in "${OFFICIAL_NAMES[@]}"; do
-    [ -f "$PIDS/$name.pid" ] || continue
-    pid=$(bench_pid "$name")
-    kill -TERM "$pid" 2>/dev/null || true
-    stopping+=("$pid:$name")
+    [ -f "$PIDS/$name.pid" ] && running+=("$name")
   done
-  deadline=$((SECONDS + 10))
-  for entry in "${stopping[@]}"; do
-    pid=${entry%%:*} name=${entry#*:}
-    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
-    wait "$pid" 2>/dev/null || true # reap: they are children of this shell
-    rm -f "$PIDS/$name.pid"
-  done
+  [ ${#running[@]} -eq 0 ] || bench_stop "${running[@]}"
   OFFICIAL_PORTS=() OFFICIAL_BUS=() OFFICIAL_NAMES=()
 }
 

@@ -72,21 +72,11 @@ bench_cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   [ -n "$BENCH_DIR" ] && [ -d "$PIDS" ] || exit "$rc"
-  local f pid pids=()
+  local f names=()
   for f in "$PIDS"/*.pid; do
-    [ -f "$f" ] || continue
-    pid=$(cat "$f")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null || true
-      pids+=("$pid")
-    fi
+    [ -f "$f" ] && names+=("$(basename "$f" .pid)")
   done
-  local deadline=$((SECONDS + 10))
-  for pid in "${pids[@]}"; do
-    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
-    wait "$pid" 2>/dev/null || true # reap: they are children of this shell
-  done
+  [ ${#names[@]} -eq 0 ] || bench_stop "${names[@]}"
   if [ "$rc" -eq 0 ] && [ "$BENCH_OK" = 1 ] && [ "${REDMESH_BENCH_KEEP:-0}" != 1 ]; then
     rm -rf "$BENCH_DIR"
   else
@@ -137,19 +127,22 @@ bench_spawn() {
   echo $! >"$PIDS/$name.pid"
 }
 
-# bench_stop NAME...: stops started processes (TERM, then KILL after 10 s)
-# and forgets them, so bench_check_alive no longer expects them.
+# bench_stop NAME...: stops started processes (TERM to all, then KILL to
+# any still running after 10 s) and forgets them, so bench_check_alive no
+# longer expects them.
 bench_stop() {
-  local name pid deadline
+  local name pid deadline=$((SECONDS + 10)) pids=()
   for name in "$@"; do
     pid=$(cat "$PIDS/$name.pid")
     kill -TERM "$pid" 2>/dev/null || true
-    deadline=$((SECONDS + 10))
+    pids+=("$pid")
+  done
+  for pid in "${pids[@]}"; do
     while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    rm -f "$PIDS/$name.pid"
+    wait "$pid" 2>/dev/null || true # reap: they are children of this shell
   done
+  for name in "$@"; do rm -f "$PIDS/$name.pid"; done
 }
 
 # bench_pid NAME: pid of a started process.
@@ -230,13 +223,31 @@ bench_header() {
 # ctl ARGS...: redmeshctl against this run's broker (and migrator, if any).
 ctl() { "$BIN/redmeshctl" --broker "$BROKER_URL" ${MIGRATOR_URL:+--migrator "http://$MIGRATOR_URL"} "$@"; }
 
-# bench_start_redis NAME PORT: a plain redis-server without persistence
-# (--save '' --appendonly no: a benchmark must not measure fsync or fork).
-bench_start_redis() {
-  local name=$1 port=$2
-  mkdir -p "$BENCH_DIR/$name"
-  bench_spawn "$name" redis-server --port "$port" --bind 127.0.0.1 --dir "$BENCH_DIR/$name" \
-    --save '' --appendonly no --daemonize no
+# bench_redis_server NAME DIR PORT [ARGS...]: a redis-server started as NAME,
+# its files in DIR, without persistence (--save '' --appendonly no: a
+# benchmark must not measure fsync or fork); ARGS are added.
+bench_redis_server() {
+  local name=$1 dir=$2 port=$3
+  shift 3
+  mkdir -p "$dir"
+  bench_spawn "$name" redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" \
+    --save '' --appendonly no --daemonize no "$@"
+}
+
+# bench_start_redis NAME PORT: a plain redis-server in $BENCH_DIR/NAME.
+bench_start_redis() { bench_redis_server "$1" "$BENCH_DIR/$1" "$2"; }
+
+# bench_cluster_node NAME DIR PORT BUS [ARGS...]: a cluster-mode
+# redis-server (an official Redis Cluster's node) with its cluster config
+# file in DIR from the start (so a restart rejoins with its node id). The
+# bus port is set explicitly (cluster-port, Redis >= 7.0) rather than left at
+# port+10000: free ports come from the ephemeral range, where port+10000 may
+# be taken or above 65535.
+bench_cluster_node() {
+  local name=$1 dir=$2 port=$3 bus=$4
+  shift 4
+  bench_redis_server "$name" "$dir" "$port" --cluster-enabled yes --cluster-port "$bus" \
+    --cluster-config-file "$dir/nodes.conf" "$@"
 }
 
 # redis_ping PORT: the server at PORT answers PONG (redis-cli exits 0 on

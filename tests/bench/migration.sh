@@ -145,15 +145,12 @@ print("    Redis time by command (loading included): " + ", ".join(
 # Nodes of the official cluster of the current measurement.
 REF_PORTS=() REF_NAMES=()
 
-# ref_spawn I TAG: starts official node I (cluster mode, explicit bus port, no
-# persistence: the benchmark must not measure fsync or fork; replicas stay
-# with their master even while it holds no slots).
+# ref_spawn I TAG: starts official node I (replicas stay with their master
+# even while it holds no slots).
 ref_spawn() {
-  local i=$1 tag=$2 dir="$BENCH_DIR/official-$2-$1"
-  mkdir -p "$dir"
-  bench_spawn "official-$tag-$i" redis-server --port "${REF_PORTS[$i]}" --bind 127.0.0.1 \
-    --cluster-enabled yes --cluster-port "${REF_BUS[$i]}" --cluster-config-file "$dir/nodes.conf" \
-    --dir "$dir" --save '' --appendonly no --daemonize no --cluster-allow-replica-migration no
+  local i=$1 tag=$2
+  bench_cluster_node "official-$tag-$i" "$BENCH_DIR/official-$tag-$i" "${REF_PORTS[$i]}" \
+    "${REF_BUS[$i]}" --cluster-allow-replica-migration no
   REF_NAMES+=("official-$tag-$i")
 }
 
@@ -184,7 +181,7 @@ ref_cli_log() {
 
 # measure_official TAG KEYS SIZE: sets MOVED_KEYS and ELAPSED.
 measure_official() {
-  local tag=$1 keys=$2 size=$3 i seed t0 masters m0 m1 n0 n1
+  local tag=$1 keys=$2 size=$3 i seed t0 seeds masters m0 m1 n0 n1
   bench_free_ports 16
   REF_PORTS=("${FREE_PORTS[@]:0:8}")
   REF_BUS=("${FREE_PORTS[@]:8:8}")
@@ -196,11 +193,14 @@ measure_official() {
   # masters with a replica each, then the third master gives all its slots
   # to the other two while the cluster is still empty, and becomes one of
   # the two new masters.
-  ref_cli_log "official-$tag-create" redis-cli --cluster create \
-    $(for i in 0 1 2 3 4 5; do echo "127.0.0.1:${REF_PORTS[$i]}"; done) --cluster-replicas 1 --cluster-yes
+  seeds=()
+  for i in 0 1 2 3 4 5; do seeds+=("127.0.0.1:${REF_PORTS[$i]}"); done
+  ref_cli_log "official-$tag-create" redis-cli --cluster create "${seeds[@]}" \
+    --cluster-replicas 1 --cluster-yes
   wait_for "official cluster $tag" 60 ref_consistent
-  masters=$(redis-cli -p "${REF_PORTS[0]}" cluster nodes | awk '$3 ~ /master/ && NF >= 9 {print $1}')
-  read -r m0 m1 n0 <<<"$(echo $masters)"
+  mapfile -t masters < <(redis-cli -p "${REF_PORTS[0]}" cluster nodes |
+    awk '$3 ~ /master/ && NF >= 9 {print $1}')
+  m0=${masters[0]:-} m1=${masters[1]:-} n0=${masters[2]:-}
   [ -n "$n0" ] || die "official cluster $tag: expected 3 masters"
   ref_cli_log "official-$tag-empty" redis-cli --cluster rebalance "$seed" --cluster-weight "$n0=0"
   wait_for "official cluster $tag to agree" 60 ref_consistent
