@@ -42,6 +42,11 @@ else
   say "node/npm not installed: the examples/node and buf tests will skip"
 fi
 
+# One build per run: incremental caches would only fill the disk (they grew
+# to tens of GB here). Developers who rerun often can export
+# CARGO_INCREMENTAL=1 themselves.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 started=$SECONDS
 say "formatting"
 cargo fmt --all -- --check
