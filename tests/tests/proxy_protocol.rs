@@ -1,7 +1,8 @@
 //! The proxy as a RESP endpoint: Redis's wording for errors, protocol
 //! violations close the connection, pipelining keeps order, AUTH is
-//! enforced, refused commands say so, and a dead Redis node gives a prompt
-//! error instead of a hang.
+//! enforced, refused commands say so, a dead Redis node gives a prompt
+//! error instead of a hang, and hostile clients (idle, slowloris, too many)
+//! are cut off without touching blocked or subscribed ones.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -296,4 +297,133 @@ async fn unserved_and_dead_backends_fail_fast_with_clear_errors() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+/// Reads one reply's worth (until `\r\n` ends what arrived) with `wait`.
+fn read_some(s: &mut TcpStream, wait: Duration) -> std::io::Result<Vec<u8>> {
+    s.set_read_timeout(Some(wait))?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(out); // closed
+        }
+        out.extend_from_slice(&buf[..n]);
+        if out.ends_with(b"\r\n") {
+            return Ok(out);
+        }
+    }
+}
+
+/// Connects and sends `request`, returning the stream and the first reply.
+fn open(addr: &str, request: &[u8]) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(request).unwrap();
+    let reply = text(&read_some(&mut s, Duration::from_secs(5)).unwrap());
+    (s, reply)
+}
+
+/// Reads until the server closes; the bytes and how long that took.
+fn until_closed(s: &mut TcpStream) -> (String, Duration) {
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .expect("the proxy closes the connection");
+    (text(&out), start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_idle_and_surplus_clients_are_cut_off_but_blocked_and_subscribed_ones_are_not() {
+    let sys = System::start_env(
+        2,
+        &[
+            ("REDMESH_PROXY_MAX_CLIENTS", "3"),
+            ("REDMESH_PROXY_CLIENT_TIMEOUT", "1s"),
+            ("REDMESH_PROXY_REQUEST_TIMEOUT", "1s"),
+        ],
+    );
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("guarded", 4, v1::ClusterConfig::default())
+        .await;
+    let addr = key_owner(&sys, &cluster, b"queue");
+    tokio::task::spawn_blocking(move || {
+        // Idle: closed silently after the client timeout.
+        let (mut idle, reply) = open(&addr, b"PING\r\n");
+        assert_eq!(reply, "+PONG\r\n");
+        let (bytes, after) = until_closed(&mut idle);
+        assert_eq!(bytes, "");
+        assert!(
+            after >= Duration::from_millis(900),
+            "closed after {after:?}"
+        );
+
+        // Slowloris: a begun request must be finished within the limit, even
+        // while bytes keep trickling in.
+        let (mut slow, reply) = open(&addr, b"PING\r\n");
+        assert_eq!(reply, "+PONG\r\n");
+        let start = Instant::now();
+        slow.write_all(b"*2\r\n$3\r\nGET\r\n$5\r\nab").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = slow.write_all(b"c");
+        let (bytes, _) = until_closed(&mut slow);
+        let after = start.elapsed();
+        assert!(
+            bytes.starts_with("-ERR timed out reading a request"),
+            "{bytes:?}"
+        );
+        assert!(
+            after >= Duration::from_millis(900) && after < Duration::from_secs(5),
+            "closed after {after:?}"
+        );
+
+        // The client cap: subscribers fill it (they are never idle), the
+        // next client is told why and closed, as Redis's maxclients does.
+        let mut subscribers: Vec<TcpStream> = (0..3)
+            .map(|_| {
+                let (s, reply) = open(&addr, b"SUBSCRIBE news\r\n");
+                assert!(reply.contains("subscribe"), "{reply}");
+                s
+            })
+            .collect();
+        let (mut surplus, reply) = open(&addr, b"PING\r\n");
+        assert_eq!(reply, "-ERR max number of clients reached\r\n");
+        assert_eq!(until_closed(&mut surplus).0, "");
+        // Past the idle limit the subscribers are still there…
+        match read_some(&mut subscribers[0], Duration::from_millis(1500)) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!("a subscriber was disturbed: {other:?}"),
+        }
+        // …and a freed slot takes a new client, which reaches them.
+        drop(subscribers.pop());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut publisher = loop {
+            // (The proxy counts the closed subscriber out when it notices.)
+            let (s, reply) = open(&addr, b"PUBLISH news hello\r\n");
+            if reply.starts_with(':') {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "no slot freed up: {reply}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for s in &mut subscribers {
+            let msg = text(&read_some(s, Duration::from_secs(5)).unwrap());
+            assert!(msg.contains("hello"), "{msg}");
+        }
+        drop(subscribers);
+        // A client blocked longer than the idle limit gets its reply.
+        let start = Instant::now();
+        publisher.write_all(b"BLPOP queue 2\r\n").unwrap();
+        let reply = text(&read_some(&mut publisher, Duration::from_secs(5)).unwrap());
+        assert_eq!(reply, "*-1\r\n");
+        assert!(start.elapsed() >= Duration::from_millis(1900));
+    })
+    .await
+    .unwrap();
 }

@@ -79,6 +79,22 @@ pub struct Config {
     /// Most arguments in one client request.
     #[arg(long, env = "REDMESH_PROXY_MAX_MULTIBULK_LEN", default_value_t = 1024 * 1024)]
     pub max_multibulk_len: usize,
+    /// Most client connections at once (peer proxies included); one more is
+    /// answered `-ERR max number of clients reached` and closed, as Redis's
+    /// `maxclients` does.
+    #[arg(long, env = "REDMESH_PROXY_MAX_CLIENTS", default_value_t = 10_000)]
+    pub max_clients: usize,
+    /// Close a client after this long without a request (0: never, as
+    /// Redis's `timeout 0`). Clients blocked in a command or subscribed are
+    /// never idle.
+    #[arg(long, env = "REDMESH_PROXY_CLIENT_TIMEOUT", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub client_timeout: Duration,
+    /// A request whose first bytes arrived must be complete within this
+    /// long (0: no limit), or the client gets an error and is closed, so
+    /// clients that trickle partial requests (slowloris) cannot hold
+    /// connections and buffers for ever.
+    #[arg(long, env = "REDMESH_PROXY_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
     /// Refuse writes after this long without word from any broker (views
     /// and keepalives arrive every ~250 ms). Keep it below failure detection
     /// plus failover time, so a proxy cut off from the control plane stops
@@ -157,6 +173,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         fence_after: config.fence_after,
         trace_every: config.trace_every,
         locks: Arc::default(),
+        max_clients: config.max_clients,
+        client_timeout: nonzero(config.client_timeout),
+        request_timeout: nonzero(config.request_timeout),
     });
     let mover = Arc::new(migrate::Mover {
         locks: shared.locks.clone(),
@@ -230,11 +249,21 @@ async fn accept_loop(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
+                    // Counted here, not in the session, so a burst of
+                    // connects cannot slip past the cap.
+                    if shared.clients.fetch_add(1, Ordering::Relaxed) >= shared.max_clients as u64 {
+                        shared.clients.fetch_sub(1, Ordering::Relaxed);
+                        metrics::counter!(session::CLIENTS_REJECTED, "reason" => "max_clients").increment(1);
+                        tracing::debug!(%peer, max = shared.max_clients, "client refused: max clients reached");
+                        // Best effort and never waiting, as Redis does: the
+                        // accept loop must not be held up by a refused client.
+                        let _ = stream.try_write(b"-ERR max number of clients reached\r\n");
+                        continue;
+                    }
                     let shared = shared.clone();
                     let stop = shutdown.clone();
                     sessions.spawn(async move {
-                        shared.clients.fetch_add(1, Ordering::Relaxed);
                         metrics::gauge!("redmesh_proxy_client_connections").increment(1.0);
                         session::serve(stream, mode, shared.clone(), stop).await;
                         shared.clients.fetch_sub(1, Ordering::Relaxed);
@@ -249,6 +278,11 @@ async fn accept_loop(
             },
         }
     }
+}
+
+/// `None` for a zero duration (the flags' "off").
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
 }
 
 /// Re-check the local nodes this often even when nothing changed, so a
@@ -395,6 +429,9 @@ async fn report_freshness(feed: topology::TopologyFeed, shutdown: CancellationTo
         metrics::counter!("redmesh_proxy_backend_errors_total", "kind" => kind).increment(0);
     }
     metrics::counter!("redmesh_proxy_replica_ack_failures_total").increment(0);
+    for reason in ["max_clients", "idle", "request_timeout"] {
+        metrics::counter!(session::CLIENTS_REJECTED, "reason" => reason).increment(0);
+    }
     for side in ["source", "destination"] {
         metrics::counter!("redmesh_proxy_migration_unconfirmed_total", "side" => side).increment(0);
     }

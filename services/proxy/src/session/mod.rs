@@ -38,6 +38,10 @@ mod route;
 mod tally;
 mod tx;
 
+/// Clients the proxy refused or closed, by `reason` (`max_clients`, `idle`,
+/// `request_timeout`).
+pub const CLIENTS_REJECTED: &str = "redmesh_proxy_clients_rejected_total";
+
 /// Most replies pending per client before the proxy stops reading from it.
 const MAX_PENDING: usize = 1024;
 
@@ -64,6 +68,12 @@ pub struct Shared {
     pub trace_every: u64,
     /// Key locks of migrating slots.
     pub locks: Arc<crate::locks::KeyLocks>,
+    /// Most client connections at once.
+    pub max_clients: usize,
+    /// Close clients idle this long (`None`: never).
+    pub client_timeout: Option<Duration>,
+    /// A begun request must be complete within this (`None`: no limit).
+    pub request_timeout: Option<Duration>,
 }
 
 impl Shared {
@@ -276,6 +286,10 @@ pub async fn serve(
     let mut read_at = Instant::now();
     let mut commands_seen = 0u64;
     let mut in_flight = 0usize;
+    // When the request now in `inbuf` began arriving (`None`: none begun).
+    let mut partial_since: Option<Instant> = None;
+    // Last request or reply, for the idle timeout.
+    let mut active_at = Instant::now();
     loop {
         // Move every reply that is ready, in order, into the output.
         while let Some(front) = queue.front_mut() {
@@ -306,6 +320,7 @@ pub async fn serve(
             queue.pop_front();
         }
         if !out.is_empty() {
+            active_at = Instant::now();
             if wr.write_all(&out).await.is_err() {
                 break;
             }
@@ -326,7 +341,11 @@ pub async fn serve(
             let req = match stalled.take() {
                 Some(r) => r,
                 None => match decoder.decode_request(&mut inbuf) {
-                    Ok(Some(r)) => r,
+                    Ok(Some(r)) => {
+                        partial_since = None;
+                        active_at = read_at;
+                        r
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         tracing::debug!(client = s.id, error = %e, "protocol error; closing");
@@ -407,6 +426,17 @@ pub async fn serve(
         let can_read =
             reading && !s.closing && !s.hold && stalled.is_none() && queue.len() < MAX_PENDING;
         let deliver_messages = subs_pending == 0 && s.subs.active();
+        let (deadline, expiry) = deadline(
+            &shared,
+            &mut partial_since,
+            Waiting {
+                on_client: can_read,
+                partial: !inbuf.is_empty(),
+                idle: queue.is_empty() && !s.subs.active() && stalled.is_none(),
+            },
+            read_at,
+            active_at,
+        );
         tokio::select! {
             _ = wait_front(queue.front_mut(), s.protocol), if !queue.is_empty() => {}
             read = rd.read_buf(&mut inbuf), if can_read => match read {
@@ -427,6 +457,32 @@ pub async fn serve(
                 }
                 _ => s.closing = true,
             },
+            _ = tokio::time::sleep_until(deadline.into()), if expiry.is_some() => {
+                match expiry {
+                    Some(Expiry::Request(limit)) => {
+                        tracing::debug!(client = s.id, "request not completed in time; closing");
+                        metrics::counter!(CLIENTS_REJECTED, "reason" => "request_timeout").increment(1);
+                        queue.push_back(Slot {
+                            pending: Pending::Ready(err(format!(
+                                "ERR timed out reading a request: it was not complete within {} ms",
+                                limit.as_millis()
+                            )).to_bytes(s.protocol)),
+                            subscription: false,
+                            command: "protocol_error",
+                            read_at,
+                            span: None,
+                        });
+                        s.closing = true;
+                        reading = false;
+                    }
+                    Some(Expiry::Idle) => {
+                        tracing::debug!(client = s.id, "idle client timed out; closing");
+                        metrics::counter!(CLIENTS_REJECTED, "reason" => "idle").increment(1);
+                        break;
+                    }
+                    None => {}
+                }
+            }
             _ = shutdown.cancelled(), if reading => reading = false,
             // Unreachable by the checks above; ending the session beats
             // spinning if a future change breaks them.
@@ -434,6 +490,50 @@ pub async fn serve(
         }
     }
     metrics::gauge!(tally::IN_FLIGHT).decrement(in_flight as f64);
+}
+
+/// What a session waits for, for its timeouts.
+struct Waiting {
+    /// Reading from the client (nothing holds its requests back).
+    on_client: bool,
+    /// Part of a request is buffered.
+    partial: bool,
+    /// Nothing is owed to the client and it is not subscribed or blocked.
+    idle: bool,
+}
+
+/// Which timeout a session's deadline is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    /// A begun request was not completed within the limit.
+    Request(Duration),
+    /// No request for the client timeout.
+    Idle,
+}
+
+/// The session's next deadline, if a timeout applies: the rest of a begun
+/// request, else the idle limit. Tracks when the partial request began.
+fn deadline(
+    shared: &Shared,
+    partial_since: &mut Option<Instant>,
+    w: Waiting,
+    read_at: Instant,
+    active_at: Instant,
+) -> (Instant, Option<Expiry>) {
+    if !(w.on_client && w.partial) {
+        *partial_since = None;
+    }
+    let far = Instant::now() + Duration::from_secs(86_400);
+    if w.on_client && w.partial {
+        let since = *partial_since.get_or_insert(read_at);
+        if let Some(limit) = shared.request_timeout {
+            return (since + limit, Some(Expiry::Request(limit)));
+        }
+    }
+    match shared.client_timeout {
+        Some(limit) if w.on_client && w.idle => (active_at + limit, Some(Expiry::Idle)),
+        _ => (far, None),
+    }
 }
 
 /// Resolves when the front reply is ready (storing it), or at once if it is.
