@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use redmesh_api::v1::{self, broker_client::BrokerClient};
+use redmesh_runtime::trace_context::{traced, TracedChannel};
 use tonic::transport::Channel;
 
 use crate::harness::{bin_path, raw_exchange, wait_until};
@@ -138,6 +139,11 @@ impl Service {
     pub fn log(&self) -> String {
         self.child.log_tail()
     }
+
+    /// The whole log.
+    pub fn log_text(&self) -> String {
+        self.child.log_text()
+    }
 }
 
 /// Whether the gRPC server at `url` answers its health check with SERVING.
@@ -250,10 +256,14 @@ impl ProxyNode {
     }
 
     /// A client of the proxy's admin gRPC API.
-    pub async fn admin_client(&self) -> v1::proxy_admin_client::ProxyAdminClient<Channel> {
-        v1::proxy_admin_client::ProxyAdminClient::connect(format!("http://{}", self.admin))
+    /// (Its calls carry the test process's API token, if it installed one.)
+    pub async fn admin_client(&self) -> v1::proxy_admin_client::ProxyAdminClient<TracedChannel> {
+        let channel = Channel::from_shared(format!("http://{}", self.admin))
+            .expect("admin url")
+            .connect()
             .await
-            .unwrap_or_else(|e| panic!("admin API of {}: {e}", self.id))
+            .unwrap_or_else(|e| panic!("admin API of {}: {e}", self.id));
+        v1::proxy_admin_client::ProxyAdminClient::new(traced(channel))
     }
 
     /// The registration spec.
@@ -281,6 +291,11 @@ impl ProxyNode {
                     .join("\n")
             })
             .unwrap_or_default()
+    }
+
+    /// The whole log.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -438,10 +453,14 @@ impl System {
     }
 
     /// A broker client.
-    pub async fn broker(&self) -> BrokerClient<Channel> {
-        BrokerClient::connect(self.broker.url())
+    /// (Its calls carry the test process's API token, if it installed one.)
+    pub async fn broker(&self) -> BrokerClient<TracedChannel> {
+        let channel = Channel::from_shared(self.broker.url())
+            .expect("broker url")
+            .connect()
             .await
-            .expect("connect to broker")
+            .expect("connect to broker");
+        BrokerClient::new(traced(channel))
     }
 
     /// Registers every proxy.

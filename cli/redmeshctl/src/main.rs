@@ -53,6 +53,9 @@ struct Cli {
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// The API token to send.
+    #[command(flatten)]
+    api_token: redmesh_runtime::ApiTokenArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -347,6 +350,10 @@ async fn main() -> ExitCode {
     // calls carry the context on to the services (W3C traceparent).
     if let Err(e) = redmesh_telemetry::init_tracing_only("redmeshctl") {
         eprintln!("warning: {e}; continuing without traces");
+    }
+    if let Err(e) = cli.api_token.install(false) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
     }
     let span = tracing::info_span!(
         "redmeshctl",

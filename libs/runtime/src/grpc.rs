@@ -115,6 +115,8 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .layer(crate::grpc_metrics::GrpcMetricsLayer)
+        // Inside the metrics layer, so refused calls count as Unauthenticated.
+        .layer(crate::auth::RequireTokenLayer)
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, drain)
         .await?;

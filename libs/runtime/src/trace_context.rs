@@ -72,8 +72,8 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
     let _ = span.set_parent(parent);
 }
 
-/// A client service that adds the current span's trace context to every
-/// request it sends.
+/// A client service that adds the current span's trace context, and this
+/// process's API token when it has one (`auth`), to every request it sends.
 #[derive(Debug, Clone)]
 pub struct InjectTraceContext<S> {
     inner: S,
@@ -96,11 +96,15 @@ where
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut HeadersMut(req.headers_mut()))
         });
+        if let Some(token) = crate::auth::client_header() {
+            req.headers_mut()
+                .insert(tonic::codegen::http::header::AUTHORIZATION, token);
+        }
         self.inner.call(req)
     }
 }
 
-/// A channel whose calls carry the caller's trace context.
+/// A channel whose calls carry the caller's trace context (and API token).
 pub type TracedChannel = InjectTraceContext<Channel>;
 
 /// Wraps `channel` so its calls carry the caller's trace context.

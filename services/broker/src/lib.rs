@@ -41,6 +41,9 @@ pub struct Config {
     /// Where the metadata lives.
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    /// The API token calls must carry.
+    #[command(flatten)]
+    pub api_token: redmesh_runtime::ApiTokenArgs,
     /// Logging and metrics.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,

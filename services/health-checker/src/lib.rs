@@ -52,6 +52,9 @@ pub struct Config {
     /// Metadata store.
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    /// The API token calls must carry.
+    #[command(flatten)]
+    pub api_token: redmesh_runtime::ApiTokenArgs,
     /// Logging and metrics.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,

@@ -117,6 +117,9 @@ pub struct Config {
     /// Redis node is blocked for long by one huge key.
     #[arg(long, env = "REDMESH_PROXY_MIGRATE_BIG_KEY_BYTES", default_value_t = 1 << 20)]
     pub migrate_big_key_bytes: u64,
+    /// The API token calls must carry.
+    #[command(flatten)]
+    pub api_token: redmesh_runtime::ApiTokenArgs,
     /// Logging and metrics.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,

@@ -14,6 +14,7 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the async runtime")?
         .block_on(async {
             config.telemetry.init("proxy")?;
+            config.api_token.install(true)?;
             let result = redmesh_proxy::run(config, redmesh_runtime::shutdown_on_signals()).await;
             redmesh_telemetry::flush_traces().await;
             result
