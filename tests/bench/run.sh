@@ -23,6 +23,9 @@ scenarios:
           1000 and the default 15000); several minutes
   migration  live scale-out of 1,000,000 x 64 B and 20,000 x 16 KiB keys vs.
           redis-cli --cluster reshard of the official Redis Cluster
+  chaos   random faults (kill -9, SIGSTOP, control-plane and etcd restarts)
+          under writes and repeated scaling for REDMESH_BENCH_CHAOS_SECONDS
+          (default 600); reports acknowledged writes lost (must be 0)
 
 environment:
   REDMESH_BENCH_BUILD=0     do not run `cargo build --release --bins` first

@@ -225,6 +225,7 @@ pub struct Redis {
     /// The port.
     pub port: u16,
     child: Child,
+    args: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -239,6 +240,25 @@ impl Redis {
     pub fn start_with(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = Self::spawn(port, dir.path(), &args);
+        Self {
+            addr: format!("127.0.0.1:{port}"),
+            port,
+            child,
+            args,
+            _dir: dir,
+        }
+    }
+
+    /// Starts a killed server again on the same port, empty (nothing is
+    /// persisted): a machine that came back without its data.
+    pub fn restart(&mut self) {
+        self.child.kill();
+        self.child = Self::spawn(self.port, self._dir.path(), &self.args);
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path, args: &[String]) -> Child {
         let mut cmd = Command::new("redis-server");
         cmd.args([
             "--port",
@@ -251,9 +271,9 @@ impl Redis {
             "no",
         ])
         .arg("--dir")
-        .arg(dir.path())
+        .arg(dir)
         .args(args);
-        let mut child = Child::spawn("redis-server", cmd, &dir.path().join("redis.log"));
+        let mut child = Child::spawn("redis-server", cmd, &dir.join("redis.log"));
         let addr = format!("127.0.0.1:{port}");
         wait_until("redis-server", Duration::from_secs(10), || {
             assert!(
@@ -265,12 +285,7 @@ impl Redis {
                 .map(|r| r.starts_with(b"+PONG"))
                 .unwrap_or(false)
         });
-        Self {
-            addr,
-            port,
-            child,
-            _dir: dir,
-        }
+        child
     }
 
     /// Starts a plain redis-server.

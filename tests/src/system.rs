@@ -565,6 +565,26 @@ impl System {
     }
 }
 
+/// A cluster client that rides out failovers and replacements, as the
+/// tests' writers need: many quick retries, short connect and reply
+/// timeouts. `addrs`: `host:port` of the proxies to seed it with.
+pub fn patient_cluster_client<S: AsRef<str>>(
+    addrs: impl IntoIterator<Item = S>,
+) -> redis::cluster::ClusterClient {
+    let seeds: Vec<String> = addrs
+        .into_iter()
+        .map(|a| format!("redis://{}", a.as_ref()))
+        .collect();
+    redis::cluster::ClusterClient::builder(seeds)
+        .retries(30)
+        .max_retry_wait(200)
+        .min_retry_wait(20)
+        .connection_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_secs(2))
+        .build()
+        .expect("cluster client")
+}
+
 /// `CLUSTER INFO` of a proxy.
 pub async fn cluster_info(addr: &str) -> redis::RedisResult<String> {
     let client = redis::Client::open(format!("redis://{addr}"))?;

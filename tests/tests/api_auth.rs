@@ -11,7 +11,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use redmesh_api::v1;
 use redmesh_e2e::harness::{bin_path, eventually};
-use redmesh_e2e::system::grpc_serving;
+use redmesh_e2e::system::{grpc_serving, patient_cluster_client};
 use redmesh_e2e::System;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -62,6 +62,17 @@ fn assert_ok(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// `redmeshctl --json cluster get c`, with the token.
+fn get_cluster(sys: &System, migrator: &str, tokens: &Path) -> v1::GetClusterResponse {
+    serde_json::from_str(&assert_ok(&ctl(
+        sys,
+        migrator,
+        tokens,
+        &["--json", "cluster", "get", "c"],
+    )))
+    .expect("cluster get --json")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,22 +164,13 @@ async fn every_service_requires_the_api_token_and_passes_it_on() {
         &tokens,
         &["cluster", "create", "c", "--nodes", "4"],
     ));
-    let got: v1::GetClusterResponse = serde_json::from_str(&assert_ok(&ctl(
-        &sys,
-        &migrator_url,
-        &tokens,
-        &["--json", "cluster", "get", "c"],
-    )))
-    .unwrap();
+    let got = get_cluster(&sys, &migrator_url, &tokens);
     let cluster = got.cluster.expect("cluster");
     sys.wait_cluster_ok(&cluster).await;
-    let seeds: Vec<String> = sys
-        .members(&cluster)
-        .iter()
-        .map(|p| format!("redis://{}", p.resp))
-        .collect();
-    let client = redis::cluster::ClusterClient::new(seeds).unwrap();
-    let mut conn = client.get_async_connection().await.unwrap();
+    let mut conn = patient_cluster_client(sys.members(&cluster).iter().map(|p| &p.resp))
+        .get_async_connection()
+        .await
+        .unwrap();
     for i in 0..500 {
         conn.set::<_, _, ()>(format!("k{i}"), i).await.unwrap();
     }
@@ -178,13 +180,7 @@ async fn every_service_requires_the_api_token_and_passes_it_on() {
         &tokens,
         &["cluster", "scale", "c", "8"],
     ));
-    let got: v1::GetClusterResponse = serde_json::from_str(&assert_ok(&ctl(
-        &sys,
-        &migrator_url,
-        &tokens,
-        &["--json", "cluster", "get", "c"],
-    )))
-    .unwrap();
+    let got = get_cluster(&sys, &migrator_url, &tokens);
     assert_eq!(got.proxies.len(), 4, "{got:?}");
     for i in 0..500 {
         let v: i32 = conn.get(format!("k{i}")).await.unwrap();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use redmesh_api::v1::{self, coordinator_client::CoordinatorClient};
 use redmesh_e2e::harness::eventually;
-use redmesh_e2e::system::{coordinator_status, System};
+use redmesh_e2e::system::{coordinator_status, patient_cluster_client, System};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_writes() {
@@ -89,19 +89,7 @@ async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_wr
         .all(|p| p.state() == v1::ProxyState::Allocated));
 
     // Continuous writes through a cluster client; only acknowledged ones count.
-    let seeds: Vec<String> = sys
-        .members(&cluster)
-        .iter()
-        .map(|p| format!("redis://{}", p.resp))
-        .collect();
-    let client = redis::cluster::ClusterClient::builder(seeds)
-        .retries(30)
-        .max_retry_wait(200)
-        .min_retry_wait(20)
-        .connection_timeout(Duration::from_millis(500))
-        .response_timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
+    let client = patient_cluster_client(sys.members(&cluster).iter().map(|p| &p.resp));
     let acked: Arc<Mutex<BTreeMap<u64, Instant>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Chaos scenario: the e2e chaos test (tests/tests/chaos.rs) for longer, on
+# release binaries. Faults chosen at random, one at a time — kill -9 of a
+# serving proxy with its Redis nodes, SIGSTOP of a proxy, kills of the
+# coordinator leader, a migrator, a health-checker and the broker, etcd
+# restarts — while cluster clients write with replica_ack durability and the
+# cluster scales 4 -> 8 -> 4 nodes over and over. Prints the faults applied,
+# writes acknowledged and refused, acknowledged writes lost (must be 0) and
+# the slowest heal; fails if anything was lost or the cluster did not
+# converge. There is no reference system to divide by: the figure that
+# matters is the loss count.
+#
+#   REDMESH_BENCH_CHAOS_SECONDS=S  seconds of faults (default 600)
+#   REDMESH_CHAOS_SEED=N           replay a run (its seed is printed)
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+bench_build
+seconds="${REDMESH_BENCH_CHAOS_SECONDS:-600}"
+say "chaos: ${seconds} s of faults on release binaries"
+# The test harness starts every process itself on free ports, in temporary
+# directories, and kills them all when it ends (pass or fail).
+cd "$ROOT" || exit
+REDMESH_BIN_DIR="$BIN" REDMESH_CHAOS_SECONDS="$seconds" \
+  cargo test --quiet -p redmesh-e2e --test chaos -- --nocapture

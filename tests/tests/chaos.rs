@@ -1,0 +1,528 @@
+//! Chaos: faults chosen at random, one at a time, for a bounded time, while
+//! cluster clients write with `replica_ack` durability and the cluster is
+//! scaled out and in, again and again. The faults: kill -9 a serving proxy
+//! with both its Redis nodes (a machine lost), SIGSTOP a serving proxy, kill
+//! the coordinator leader, a migrator, a health-checker, the broker, and
+//! restart etcd. Each fault is undone (the process restarted, the machine
+//! back as a free proxy) and the cluster must heal before the next. When the
+//! faults stop the cluster must converge to full redundancy with no task
+//! running, and every acknowledged write must read back with its value.
+//!
+//! `REDMESH_CHAOS_SECONDS` bounds the faults (default 40: the short variant
+//! `./tests/run.sh` runs); `REDMESH_CHAOS_SEED` replays a run (the seed is
+//! printed). `./tests/bench/run.sh chaos` runs it longer on release builds.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use redmesh_api::v1;
+use redmesh_e2e::harness::eventually;
+use redmesh_e2e::system::patient_cluster_client;
+use redmesh_e2e::{Service, System};
+
+/// A small seeded generator (xorshift64*): replayable, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n as u64) as usize
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    KillProxy,
+    PauseProxy,
+    KillCoordinatorLeader,
+    KillMigrator,
+    KillChecker,
+    RestartBroker,
+    RestartEtcd,
+}
+
+const FAULTS: [Fault; 7] = [
+    Fault::KillProxy,
+    Fault::PauseProxy,
+    Fault::KillCoordinatorLeader,
+    Fault::KillMigrator,
+    Fault::KillChecker,
+    Fault::RestartBroker,
+    Fault::RestartEtcd,
+];
+
+const CLUSTER: &str = "chaos";
+
+/// The cluster and its proxies, or `None` while the broker cannot say.
+async fn cluster_state(broker: &str) -> Option<(v1::Cluster, Vec<v1::Proxy>)> {
+    let mut b = v1::broker_client::BrokerClient::connect(broker.to_owned())
+        .await
+        .ok()?;
+    let r = b
+        .get_cluster(v1::GetClusterRequest {
+            name: CLUSTER.into(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    Some((r.cluster?, r.proxies))
+}
+
+fn members(c: &v1::Cluster) -> Vec<String> {
+    c.chunks
+        .iter()
+        .flat_map(|ch| ch.proxy_ids.iter().cloned())
+        .collect()
+}
+
+/// Full redundancy: every shard has a master and a replica, and every
+/// member proxy is allocated (a migration may be running).
+fn whole(c: &v1::Cluster, proxies: &[v1::Proxy]) -> bool {
+    let ids = members(c);
+    c.shards
+        .iter()
+        .all(|s| s.master.is_some() && s.replicas.len() == 1)
+        && proxies
+            .iter()
+            .filter(|p| p.spec.as_ref().is_some_and(|s| ids.contains(&s.id)))
+            .all(|p| p.state() == v1::ProxyState::Allocated)
+}
+
+fn migrating(c: &v1::Cluster) -> bool {
+    c.task
+        .as_ref()
+        .is_some_and(|t| t.kind() == v1::ClusterTaskKind::Migrating)
+}
+
+/// Whether every replica of `c` has finished its sync from its master
+/// (`master_link_status:up`, no sync in progress), asked of the Redis nodes
+/// themselves: the cluster record shows a new replica at once, but until its
+/// first sync completes it holds nothing, and losing its master then loses
+/// the shard (the proxy rightly refuses to promote an unsynced node).
+async fn replicas_synced(sys: &System, c: &v1::Cluster) -> bool {
+    for replica in c.shards.iter().flat_map(|s| s.replicas.iter()) {
+        let Some(p) = sys.proxies.iter().find(|p| p.id == replica.proxy_id) else {
+            return false;
+        };
+        let Some(node) = p.redis.get(replica.node_index as usize) else {
+            return false;
+        };
+        let Ok(client) = redis::Client::open(format!("redis://{}", node.addr)) else {
+            return false;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            return false;
+        };
+        let info: String = match redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await
+        {
+            Ok(i) => i,
+            Err(_) => return false,
+        };
+        if !(info.contains("master_link_status:up") && info.contains("master_sync_in_progress:0")) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Waits for full redundancy, replicas synced (and, with `idle`, no task
+/// running).
+async fn wait_whole(sys: &System, what: &str, idle: bool, timeout: Duration) -> v1::Cluster {
+    let broker = sys.broker.url();
+    eventually(what, timeout, || async {
+        let (c, proxies) = cluster_state(&broker).await?;
+        (whole(&c, &proxies) && !(idle && migrating(&c)) && replicas_synced(sys, &c).await)
+            .then_some(c)
+    })
+    .await
+}
+
+/// The proxy's state as the broker records it.
+async fn proxy_state(broker: &str, id: &str) -> Option<v1::ProxyState> {
+    let mut b = v1::broker_client::BrokerClient::connect(broker.to_owned())
+        .await
+        .ok()?;
+    let p = b
+        .get_proxy(v1::GetProxyRequest { id: id.into() })
+        .await
+        .ok()?
+        .into_inner()
+        .proxy?;
+    Some(p.state())
+}
+
+/// Registers a proxy again (a failed one returns to the pool as free).
+async fn reregister(sys: &System, idx: usize) {
+    let spec = sys.proxies[idx].spec();
+    eventually(
+        "the proxy registered again",
+        Duration::from_secs(20),
+        || {
+            let spec = spec.clone();
+            async move {
+                let mut b = v1::broker_client::BrokerClient::connect(sys.broker.url())
+                    .await
+                    .ok()?;
+                b.register_proxy(v1::RegisterProxyRequest { proxy: Some(spec) })
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
+}
+
+/// Index (in `sys.proxies`) of a random member of the cluster.
+async fn random_member(sys: &System, rng: &mut Rng) -> usize {
+    let (c, _) = cluster_state(&sys.broker.url())
+        .await
+        .expect("the broker answers between faults");
+    let ids = members(&c);
+    let id = &ids[rng.below(ids.len())];
+    sys.proxies.iter().position(|p| &p.id == id).unwrap()
+}
+
+/// Index of the leading coordinator, if one leads.
+async fn leader(coordinators: &[Service]) -> Option<usize> {
+    for (i, c) in coordinators.iter().enumerate() {
+        let status = async {
+            v1::coordinator_client::CoordinatorClient::connect(c.url())
+                .await
+                .ok()?
+                .get_status(v1::GetStatusRequest {})
+                .await
+                .ok()
+        };
+        if status.await.is_some_and(|r| r.into_inner().is_leader) {
+            return Some(i);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
+    let seconds: u64 = std::env::var("REDMESH_CHAOS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let seed: u64 = std::env::var("REDMESH_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("chaos: {seconds} s of faults, seed {seed} (replay: REDMESH_CHAOS_SEED={seed})");
+    let mut rng = Rng(seed);
+
+    // Eight proxies on two hosts: the cluster grows to four of them, and
+    // each host keeps free ones to replace a lost proxy.
+    let mut sys = System::start(8);
+    sys.register_all().await;
+    sys.create_cluster(
+        CLUSTER,
+        4,
+        v1::ClusterConfig {
+            durability: v1::Durability::ReplicaAck as i32,
+            replica_ack_timeout_ms: 500,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut checkers: Vec<Service> = ["hc-a", "hc-b", "hc-c"]
+        .iter()
+        .map(|id| sys.start_service("redmesh-health-checker", id, &[]))
+        .collect();
+    let mut coordinators = [
+        sys.start_service("redmesh-coordinator", "co-1", &[]),
+        sys.start_service("redmesh-coordinator", "co-2", &[]),
+    ];
+    let mut migrators = [
+        sys.start_migrator("m-1", &[]),
+        sys.start_service("redmesh-migrator", "m-2", &[]),
+    ];
+    let broker_url = sys.broker.url();
+
+    // Writers: unique keys, and only acknowledged writes count. Seeded with
+    // every proxy, as a client of a fleet whose members get replaced is
+    // configured: the cluster's first members may all be replaced by the
+    // end (free proxies answer CLUSTERDOWN and the client tries the next).
+    let client = patient_cluster_client(sys.proxies.iter().map(|p| &p.resp));
+    let acked: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let refused = Arc::new(AtomicU64::new(0));
+    let last_error: Arc<Mutex<String>> = Arc::default();
+    let stop_writing = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (acked, refused, stop) = (acked.clone(), refused.clone(), stop_writing.clone());
+            let last_error = last_error.clone();
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut conn = client
+                    .get_async_connection()
+                    .await
+                    .expect("cluster connection");
+                let mut i = 0u64;
+                let mut failing = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let key = format!("w{w}:{i}");
+                    match conn.set::<_, _, ()>(&key, i).await {
+                        Ok(()) => {
+                            acked.lock().unwrap().insert(key, i);
+                            failing = 0;
+                        }
+                        Err(e) => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            *last_error.lock().unwrap() = format!("{key}: {e}");
+                            // What an application does when its client has
+                            // lost every node it knew: connect afresh from
+                            // the seeds.
+                            failing += 1;
+                            if failing >= 3 {
+                                if let Ok(c) = client.get_async_connection().await {
+                                    conn = c;
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Scaling: 4 → 8 → 4 … throttled so tasks overlap the faults; a refused
+    // or failed start is tried again.
+    let stop_scaling = Arc::new(AtomicBool::new(false));
+    let scaled = Arc::new(AtomicU64::new(0));
+    let scaler = {
+        let (stop, scaled, broker_url) = (stop_scaling.clone(), scaled.clone(), broker_url.clone());
+        tokio::spawn(async move {
+            let mut target = 8;
+            while !stop.load(Ordering::Relaxed) {
+                let started = async {
+                    let mut b = v1::broker_client::BrokerClient::connect(broker_url.clone())
+                        .await
+                        .ok()?;
+                    b.scale_cluster(v1::ScaleClusterRequest {
+                        name: CLUSTER.into(),
+                        node_count: target,
+                        dry_run: false,
+                        rate: Some(v1::MigrationRate {
+                            keys_per_second: 3000,
+                            bytes_per_second: 0,
+                        }),
+                    })
+                    .await
+                    .ok()
+                }
+                .await;
+                match started {
+                    Some(r) => {
+                        // Wait for the task to end, whatever the faults.
+                        if !r.into_inner().task_id.is_empty() {
+                            loop {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                if let Some((c, _)) = cluster_state(&broker_url).await {
+                                    if !migrating(&c) {
+                                        break;
+                                    }
+                                }
+                            }
+                            scaled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        target = if target == 8 { 4 } else { 8 };
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(300)).await,
+                }
+            }
+        })
+    };
+    eventually("writes flowing", Duration::from_secs(10), || async {
+        (acked.lock().unwrap().len() > 100).then_some(())
+    })
+    .await;
+
+    // The faults, one at a time.
+    let mut applied: BTreeMap<Fault, u32> = BTreeMap::new();
+    let mut heal_times = Vec::new();
+    let until = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < until {
+        let fault = FAULTS[rng.below(FAULTS.len())];
+        let pause = Duration::from_millis(500 + rng.below(1500) as u64);
+        eprintln!("chaos: {fault:?} for {pause:?}");
+        let started = Instant::now();
+        match fault {
+            Fault::KillProxy => {
+                let idx = random_member(&sys, &mut rng).await;
+                let id = sys.proxies[idx].id.clone();
+                {
+                    let p = &mut sys.proxies[idx];
+                    p.child.as_mut().unwrap().kill();
+                    p.redis[0].kill();
+                    p.redis[1].kill();
+                }
+                eventually(
+                    &format!("{id} replaced"),
+                    Duration::from_secs(30),
+                    || async {
+                        let (c, _) = cluster_state(&broker_url).await?;
+                        (!members(&c).contains(&id)).then_some(())
+                    },
+                )
+                .await;
+                // The machine comes back empty and joins the pool again.
+                let p = &mut sys.proxies[idx];
+                p.redis[0].restart();
+                p.redis[1].restart();
+                p.start(&broker_url);
+                reregister(&sys, idx).await;
+            }
+            Fault::PauseProxy => {
+                let idx = random_member(&sys, &mut rng).await;
+                let child = sys.proxies[idx].child.as_ref().unwrap();
+                child.signal("-STOP");
+                tokio::time::sleep(pause).await;
+                child.signal("-CONT");
+                // Failed over (and replaced) or not, once the cluster is
+                // whole; a failed proxy rejoins the pool.
+                let id = sys.proxies[idx].id.clone();
+                wait_whole(&sys, "the cluster to heal", false, Duration::from_secs(60)).await;
+                if proxy_state(&broker_url, &id).await == Some(v1::ProxyState::Failed) {
+                    reregister(&sys, idx).await;
+                }
+            }
+            Fault::KillCoordinatorLeader => {
+                let i = eventually("a coordinator leader", Duration::from_secs(20), || {
+                    leader(&coordinators)
+                })
+                .await;
+                coordinators[i].kill();
+                tokio::time::sleep(pause).await;
+                coordinators[i].restart();
+            }
+            Fault::KillMigrator => {
+                let i = rng.below(migrators.len());
+                migrators[i].kill();
+                tokio::time::sleep(pause).await;
+                migrators[i].restart();
+            }
+            Fault::KillChecker => {
+                let i = rng.below(checkers.len());
+                checkers[i].kill();
+                tokio::time::sleep(pause).await;
+                checkers[i].restart();
+            }
+            Fault::RestartBroker => {
+                sys.broker.kill();
+                tokio::time::sleep(pause).await;
+                sys.broker.restart();
+            }
+            Fault::RestartEtcd => {
+                sys.etcd.kill();
+                tokio::time::sleep(pause).await;
+                sys.etcd.restart();
+            }
+        }
+        *applied.entry(fault).or_default() += 1;
+        wait_whole(&sys, "the cluster to heal", false, Duration::from_secs(60)).await;
+        heal_times.push(started.elapsed());
+    }
+
+    // Faults over: the current task ends, the cluster is whole, writes flow.
+    stop_scaling.store(true, Ordering::Relaxed);
+    if tokio::time::timeout(Duration::from_secs(120), scaler)
+        .await
+        .is_err()
+    {
+        let state = cluster_state(&broker_url).await;
+        let task = state
+            .as_ref()
+            .and_then(|(c, _)| c.task.clone())
+            .unwrap_or_default();
+        let progress = async {
+            v1::migrator_client::MigratorClient::connect(migrators[0].url())
+                .await
+                .ok()?
+                .get_migration(v1::GetMigrationRequest {
+                    cluster: CLUSTER.into(),
+                    task_id: task.id.clone(),
+                })
+                .await
+                .ok()
+        }
+        .await;
+        panic!(
+            "the last scale task did not end (seed {seed}): {progress:?}\ncluster: {state:?}\nmigrators:\n{}\n{}",
+            migrators[0].log(),
+            migrators[1].log()
+        );
+    }
+    let healed = wait_whole(
+        &sys,
+        "the cluster to converge",
+        true,
+        Duration::from_secs(60),
+    )
+    .await;
+    sys.wait_cluster_ok(&healed).await;
+    let before = acked.lock().unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().len() <= before + 100 {
+        if Instant::now() > deadline {
+            // (No lock held across the await: the writers take it.)
+            let state = cluster_state(&broker_url).await;
+            let last = last_error.lock().unwrap().clone();
+            panic!("no writes acknowledged after the faults (seed {seed}); last error: {last}; cluster: {state:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_writing.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+
+    // Every acknowledged write reads back with its value, through a new
+    // client seeded with today's members (the first seeds may all have
+    // been replaced and now sit in the pool, serving no cluster).
+    let mut conn = patient_cluster_client(sys.members(&healed).iter().map(|p| &p.resp))
+        .get_async_connection()
+        .await
+        .unwrap();
+    let acked = acked.lock().unwrap().clone();
+    let mut lost = Vec::new();
+    for (key, value) in &acked {
+        let got: Option<u64> = conn.get(key).await.unwrap();
+        if got != Some(*value) {
+            lost.push((key.clone(), got));
+        }
+    }
+    let slowest = heal_times.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "chaos summary: seed {seed}; faults {applied:?}; {} scale tasks ended; {} writes acknowledged, {} refused, {} lost; slowest heal {slowest:?}",
+        scaled.load(Ordering::Relaxed),
+        acked.len(),
+        refused.load(Ordering::Relaxed),
+        lost.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes lost (seed {seed}): {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(20)]
+    );
+}
