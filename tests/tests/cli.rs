@@ -166,3 +166,60 @@ async fn every_command_prints_json_with_json_and_refusals_exit_1() {
         "{out:?}"
     );
 }
+
+/// `redmeshctl cluster get c` as printed.
+fn replicas_column(sys: &redmesh_e2e::System) -> String {
+    let out = ctl(&["--broker", &sys.broker.url(), "cluster", "get", "c"]);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_get_shows_replicas_that_are_not_synced() {
+    let mut sys = redmesh_e2e::System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("c", 4, redmesh_api::v1::ClusterConfig::default())
+        .await;
+    // Every replica finishes its first sync, and says so.
+    redmesh_e2e::harness::eventually(
+        "replicas synced",
+        std::time::Duration::from_secs(20),
+        || async {
+            let text = replicas_column(&sys);
+            (!text.contains("(syncing)") && !text.contains("(?)")).then_some(())
+        },
+    )
+    .await;
+    // The master of shard 0 loses its Redis node: its replica's link is down.
+    let master = cluster.shards[0].master.clone().unwrap();
+    let replica = cluster.shards[0].replicas[0].clone();
+    let idx = sys
+        .proxies
+        .iter()
+        .position(|p| p.id == master.proxy_id)
+        .unwrap();
+    sys.proxies[idx].redis[master.node_index as usize].kill();
+    let text = redmesh_e2e::harness::eventually(
+        "the replica reported not synced",
+        std::time::Duration::from_secs(20),
+        || async {
+            let text = replicas_column(&sys);
+            text.contains(&format!(
+                "{}/{} (syncing)",
+                replica.proxy_id, replica.node_index
+            ))
+            .then_some(text)
+        },
+    )
+    .await;
+    // Only that one.
+    assert_eq!(text.matches("(syncing)").count(), 1, "{text}");
+    let mut admin = sys.proxy(&replica.proxy_id).admin_client().await;
+    let info = admin
+        .get_info(redmesh_api::v1::GetInfoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!info.nodes[replica.node_index as usize].synced, "{info:?}");
+}

@@ -477,7 +477,49 @@ fn enum_label(name: &str) -> String {
     name.rsplit('_').next().unwrap_or(name).to_lowercase()
 }
 
-fn print_cluster(c: &v1::Cluster, proxies: &[v1::Proxy]) {
+/// Whether each replica of `c` has finished its sync, asked of the proxy
+/// hosting it (`GetInfo`); missing when that proxy does not answer in time.
+async fn replica_sync(c: &v1::Cluster, proxies: &[v1::Proxy]) -> SyncStates {
+    let mut out = SyncStates::new();
+    for r in c.shards.iter().flat_map(|s| s.replicas.iter()) {
+        let Some(admin) = proxies
+            .iter()
+            .filter_map(|p| p.spec.as_ref())
+            .find(|s| s.id == r.proxy_id)
+            .map(|s| s.admin_address.clone())
+        else {
+            continue;
+        };
+        let info = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{admin}"))
+                .ok()?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2))
+                .connect()
+                .await
+                .ok()?;
+            v1::proxy_admin_client::ProxyAdminClient::new(traced(channel))
+                .get_info(v1::GetInfoRequest::default())
+                .await
+                .ok()
+        };
+        if let Some(info) = info.await {
+            let node = info.into_inner().nodes.get(r.node_index as usize).cloned();
+            if let Some(n) = node {
+                out.insert((r.proxy_id.clone(), r.node_index), n.synced);
+            }
+        }
+    }
+    out
+}
+
+/// Replica sync state by (proxy id, node index).
+type SyncStates = std::collections::HashMap<(String, u32), bool>;
+
+/// Replicas are listed as `proxy/node`; with `synced`, followed by
+/// `(syncing)` while their first sync runs and `(?)` when their proxy did
+/// not say.
+fn print_cluster(c: &v1::Cluster, proxies: &[v1::Proxy], synced: Option<&SyncStates>) {
     let cfg = c.config.clone().unwrap_or_default();
     println!("cluster   {}", c.name);
     println!("uid       {}", c.uid);
@@ -530,7 +572,14 @@ fn print_cluster(c: &v1::Cluster, proxies: &[v1::Proxy]) {
         let replicas: Vec<String> = s
             .replicas
             .iter()
-            .map(|r| format!("{}/{}", r.proxy_id, r.node_index))
+            .map(|r| {
+                let state = match synced.map(|m| m.get(&(r.proxy_id.clone(), r.node_index))) {
+                    None | Some(Some(true)) => "",
+                    Some(Some(false)) => " (syncing)",
+                    Some(None) => " (?)",
+                };
+                format!("{}/{}{state}", r.proxy_id, r.node_index)
+            })
             .collect();
         let ranges: Vec<String> = slots
             .iter()
@@ -695,7 +744,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                     .await?
                     .into_inner();
-                print_cluster(&c, &got.proxies);
+                print_cluster(&c, &got.proxies, None);
             }
             ClusterCmd::Get { name } => {
                 let resp = broker
@@ -705,7 +754,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if cli.json {
                     return print_json(&resp);
                 }
-                print_cluster(&resp.cluster.unwrap_or_default(), &resp.proxies);
+                let c = resp.cluster.unwrap_or_default();
+                let synced = replica_sync(&c, &resp.proxies).await;
+                print_cluster(&c, &resp.proxies, Some(&synced));
             }
             ClusterCmd::List => {
                 let resp = broker

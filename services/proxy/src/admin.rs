@@ -52,32 +52,58 @@ impl Admin {
     }
 }
 
-/// DBSIZE and INFO memory's used_memory of a local node; zeros if unknown.
-async fn node_size(table: &RouteTable, index: usize) -> (u64, u64) {
+/// What GetInfo reports of a local node's data.
+#[derive(Debug, Default, Clone, Copy)]
+struct NodeData {
+    keys: u64,
+    used_memory_bytes: u64,
+    synced: bool,
+}
+
+/// DBSIZE, INFO memory's used_memory and replication state of a local
+/// node; zeros and not synced if unknown.
+async fn node_data(table: &RouteTable, index: usize) -> NodeData {
     let Ok(c) = &table.serving else {
-        return (0, 0);
+        return NodeData::default();
     };
     let Some(link) = c.nodes.get(index) else {
-        return (0, 0);
+        return NodeData::default();
     };
-    let (keys, info) = futures::join!(
+    let (keys, memory, replication) = futures::join!(
         link.admin().call(&["DBSIZE"]),
-        link.admin().call(&["INFO", "memory"])
+        link.admin().call(&["INFO", "memory"]),
+        link.admin().call(&["INFO", "replication"])
     );
-    let keys = match keys {
-        Ok(Frame::Integer(n)) => n.max(0) as u64,
-        _ => 0,
+    let text = |r: Result<Frame, _>| {
+        r.ok()
+            .and_then(|f| f.as_bytes().cloned())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     };
-    let memory = info
-        .ok()
-        .and_then(|f| f.as_bytes().cloned())
-        .and_then(|text| {
-            String::from_utf8_lossy(&text)
-                .lines()
-                .find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())
-        })
-        .unwrap_or(0);
-    (keys, memory)
+    let memory = text(memory);
+    let replication = text(replication);
+    let field = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|l| Some(l.strip_prefix(name)?.strip_prefix(':')?.trim().to_owned()))
+    };
+    NodeData {
+        keys: match keys {
+            Ok(Frame::Integer(n)) => n.max(0) as u64,
+            _ => 0,
+        },
+        used_memory_bytes: field(&memory, "used_memory")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        // Redis reports the link up only once the first sync has loaded.
+        synced: match field(&replication, "role").as_deref() {
+            Some("master") => true,
+            Some("slave") => {
+                field(&replication, "master_link_status").as_deref() == Some("up")
+                    && field(&replication, "master_sync_in_progress").as_deref() == Some("0")
+            }
+            _ => false,
+        },
+    }
 }
 
 fn migrate_status(e: MigrateError) -> Status {
@@ -94,8 +120,8 @@ impl v1::proxy_admin_server::ProxyAdmin for Admin {
         req: Request<v1::GetInfoRequest>,
     ) -> Result<Response<v1::GetInfoResponse>, Status> {
         let table = self.table_at(req.get_ref().wait_for_epoch).await?;
-        let sizes = futures::join!(node_size(&table, 0), node_size(&table, 1));
-        let sizes = [sizes.0, sizes.1];
+        let data = futures::join!(node_data(&table, 0), node_data(&table, 1));
+        let data = [data.0, data.1];
         let reports = self
             .reports
             .lock()
@@ -103,8 +129,8 @@ impl v1::proxy_admin_server::ProxyAdmin for Admin {
             .clone();
         let nodes = reports
             .iter()
-            .zip(sizes)
-            .map(|(r, (keys, used_memory_bytes))| v1::LocalNode {
+            .zip(data)
+            .map(|(r, d)| v1::LocalNode {
                 address: r.addr.clone(),
                 desired_role: match r.role {
                     NodeRole::Master { .. } => v1::NodeRole::Master,
@@ -114,8 +140,9 @@ impl v1::proxy_admin_server::ProxyAdmin for Admin {
                 master_address: r.master_addr.clone().unwrap_or_default(),
                 applied: r.outcome.is_ok(),
                 error: r.outcome.clone().err().unwrap_or_default(),
-                keys,
-                used_memory_bytes,
+                keys: d.keys,
+                used_memory_bytes: d.used_memory_bytes,
+                synced: d.synced,
             })
             .collect();
         Ok(Response::new(v1::GetInfoResponse {
