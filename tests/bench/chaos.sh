@@ -20,5 +20,8 @@ say "chaos: ${seconds} s of faults on release binaries"
 # The test harness starts every process itself on free ports, in temporary
 # directories, and kills them all when it ends (pass or fail).
 cd "$ROOT" || exit
-REDMESH_BIN_DIR="$BIN" REDMESH_CHAOS_SECONDS="$seconds" \
+# A fresh sequence of faults every run, unless one is asked for (the test's
+# own default is the fixed one ./tests/run.sh replays).
+seed="${REDMESH_CHAOS_SEED:-$(od -An -N8 -tu8 /dev/urandom | tr -d ' ')}"
+REDMESH_BIN_DIR="$BIN" REDMESH_CHAOS_SECONDS="$seconds" REDMESH_CHAOS_SEED="$seed" \
   cargo test --quiet -p redmesh-e2e --test chaos -- --nocapture

@@ -9,8 +9,10 @@
 //! running, and every acknowledged write must read back with its value.
 //!
 //! `REDMESH_CHAOS_SECONDS` bounds the faults (default 40: the short variant
-//! `./tests/run.sh` runs); `REDMESH_CHAOS_SEED` replays a run (the seed is
-//! printed). `./tests/bench/run.sh chaos` runs it longer on release builds.
+//! `./tests/run.sh` runs, with a fixed seed); `REDMESH_CHAOS_SEED` chooses
+//! the sequence of faults (every run prints its seed).
+//! `./tests/bench/run.sh chaos` runs it longer on release builds with a
+//! fresh seed each time.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -57,6 +59,9 @@ const FAULTS: [Fault; 7] = [
 ];
 
 const CLUSTER: &str = "chaos";
+
+/// The sequence `./tests/run.sh` replays: every kind of fault, 28 in 40 s.
+const DEFAULT_SEED: u64 = 1_795_463_744_972_473_523;
 
 /// The cluster and its proxies, or `None` while the broker cannot say.
 async fn cluster_state(broker: &str) -> Option<(v1::Cluster, Vec<v1::Proxy>)> {
@@ -215,16 +220,13 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(40);
+    // A fixed default: the suite gate replays one known sequence of faults
+    // (timing still varies); exploring new sequences is the benchmark's job,
+    // which draws a fresh seed every run.
     let seed: u64 = std::env::var("REDMESH_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+        .unwrap_or(DEFAULT_SEED);
     eprintln!("chaos: {seconds} s of faults, seed {seed} (replay: REDMESH_CHAOS_SEED={seed})");
     let mut rng = Rng(seed);
 
