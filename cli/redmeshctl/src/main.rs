@@ -477,20 +477,22 @@ fn enum_label(name: &str) -> String {
     name.rsplit('_').next().unwrap_or(name).to_lowercase()
 }
 
-/// Whether each replica of `c` has finished its sync, asked of the proxy
-/// hosting it (`GetInfo`); missing when that proxy does not answer in time.
+/// Whether each replica of `c` has finished its sync, asked of the proxies
+/// hosting replicas (`GetInfo`, one call per proxy, all at once); missing
+/// when a proxy does not answer within 2 s.
 async fn replica_sync(c: &v1::Cluster, proxies: &[v1::Proxy]) -> SyncStates {
-    let mut out = SyncStates::new();
-    for r in c.shards.iter().flat_map(|s| s.replicas.iter()) {
-        let Some(admin) = proxies
-            .iter()
-            .filter_map(|p| p.spec.as_ref())
-            .find(|s| s.id == r.proxy_id)
-            .map(|s| s.admin_address.clone())
-        else {
+    let hosting: std::collections::BTreeSet<&str> = c
+        .shards
+        .iter()
+        .flat_map(|s| s.replicas.iter().map(|r| r.proxy_id.as_str()))
+        .collect();
+    let mut calls = tokio::task::JoinSet::new();
+    for spec in proxies.iter().filter_map(|p| p.spec.as_ref()) {
+        if !hosting.contains(spec.id.as_str()) {
             continue;
-        };
-        let info = async {
+        }
+        let (id, admin) = (spec.id.clone(), spec.admin_address.clone());
+        calls.spawn(async move {
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{admin}"))
                 .ok()?
                 .connect_timeout(Duration::from_secs(1))
@@ -498,15 +500,19 @@ async fn replica_sync(c: &v1::Cluster, proxies: &[v1::Proxy]) -> SyncStates {
                 .connect()
                 .await
                 .ok()?;
-            v1::proxy_admin_client::ProxyAdminClient::new(traced(channel))
+            let info = v1::proxy_admin_client::ProxyAdminClient::new(traced(channel))
                 .get_info(v1::GetInfoRequest::default())
                 .await
-                .ok()
-        };
-        if let Some(info) = info.await {
-            let node = info.into_inner().nodes.get(r.node_index as usize).cloned();
-            if let Some(n) = node {
-                out.insert((r.proxy_id.clone(), r.node_index), n.synced);
+                .ok()?
+                .into_inner();
+            Some((id, info.nodes))
+        });
+    }
+    let mut out = SyncStates::new();
+    while let Some(done) = calls.join_next().await {
+        if let Ok(Some((id, nodes))) = done {
+            for (index, n) in (0u32..).zip(nodes) {
+                out.insert((id.clone(), index), n.synced);
             }
         }
     }
