@@ -196,6 +196,40 @@ async fn random_member(sys: &System, rng: &mut Rng) -> usize {
     sys.proxies.iter().position(|p| &p.id == id).unwrap()
 }
 
+/// The coordinators' last recorded decisions about the cluster (failovers,
+/// replacements, with their reasons), for failure messages: they tell a
+/// failover the test caused from one the system decided on its own.
+async fn recent_decisions(coordinators: &[Service]) -> Vec<String> {
+    for c in coordinators {
+        let events = async {
+            let mut stream = v1::coordinator_client::CoordinatorClient::connect(c.url())
+                .await
+                .ok()?
+                .watch_events(v1::WatchEventsRequest {
+                    cluster: CLUSTER.into(),
+                    recent: 200,
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let mut out = Vec::new();
+            // The replay arrives at once; stop when the stream goes quiet.
+            while let Ok(Ok(Some(item))) =
+                tokio::time::timeout(Duration::from_millis(500), stream.message()).await
+            {
+                if let Some(e) = item.event {
+                    out.push(format!("{:?} {} {}", e.kind(), e.proxy_id, e.detail));
+                }
+            }
+            Some(out)
+        };
+        if let Some(events) = events.await {
+            return events;
+        }
+    }
+    vec!["(no coordinator answered)".to_owned()]
+}
+
 /// Index of the leading coordinator, if one leads.
 async fn leader(coordinators: &[Service]) -> Option<usize> {
     for (i, c) in coordinators.iter().enumerate() {
@@ -468,7 +502,9 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
         }
         .await;
         panic!(
-            "the last scale task did not end (seed {seed}): {progress:?}\ncluster: {state:?}\nmigrators:\n{}\n{}",
+            "the last scale task did not end (seed {seed}): {progress:?}\ncluster: {state:?}\n\
+             coordinator decisions, oldest first:\n{}\nmigrators:\n{}\n{}",
+            recent_decisions(&coordinators).await.join("\n"),
             migrators[0].log(),
             migrators[1].log()
         );
