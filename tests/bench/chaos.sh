@@ -11,7 +11,7 @@
 # matters is the loss count.
 #
 #   REDMESH_BENCH_CHAOS_SECONDS=S  seconds of faults (default 600)
-#   REDMESH_CHAOS_SEED=N           replay a run (its seed is printed)
+#   REDMESH_BENCH_CHAOS_SEED=N     replay a run's fault choices (its seed is printed)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 bench_build
@@ -21,7 +21,8 @@ say "chaos: ${seconds} s of faults on release binaries"
 # directories, and kills them all when it ends (pass or fail).
 cd "$ROOT" || exit
 # A fresh sequence of faults every run, unless one is asked for (the test's
-# own default is the fixed one ./tests/run.sh replays).
-seed="${REDMESH_CHAOS_SEED:-$(od -An -N8 -tu8 /dev/urandom | tr -d ' ')}"
+# own default is the fixed one ./tests/run.sh replays). REDMESH_BENCH_*, as
+# lib.sh clears every other REDMESH_* variable.
+seed="${REDMESH_BENCH_CHAOS_SEED:-$(od -An -N8 -tu8 /dev/urandom | tr -d ' ')}"
 REDMESH_BIN_DIR="$BIN" REDMESH_CHAOS_SECONDS="$seconds" REDMESH_CHAOS_SEED="$seed" \
   cargo test --quiet -p redmesh-e2e --test chaos -- --nocapture

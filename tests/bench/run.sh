@@ -35,6 +35,8 @@ environment:
   REDMESH_BENCH_PROXY_THREADS=T  proxy runtime worker threads (default 0: one per CPU)
   REDMESH_BENCH_SMALL_KEYS=N  keys of 64 B in the migration scenario (default 1000000)
   REDMESH_BENCH_BIG_KEYS=N    keys of 16 KiB in the migration scenario (default 20000)
+  REDMESH_BENCH_CHAOS_SECONDS=S  seconds of faults in the chaos scenario (default 600)
+  REDMESH_BENCH_CHAOS_SEED=N   replay a chaos run's fault choices (each run prints its seed)
   REDMESH_BENCH_KEEP=1      keep the run's state and logs directory
 USAGE
   exit 2
