@@ -349,14 +349,7 @@ pub async fn serve(
                     Ok(None) => break,
                     Err(e) => {
                         tracing::debug!(client = s.id, error = %e, "protocol error; closing");
-                        queue.push_back(Slot {
-                            pending: Pending::Ready(e.to_frame().to_bytes(s.protocol)),
-                            subscription: false,
-                            command: "protocol_error",
-                            read_at,
-                            span: None,
-                        });
-                        s.closing = true;
+                        close_with(&mut queue, &mut s, e.to_frame(), read_at);
                         progressed = true;
                         break;
                     }
@@ -462,17 +455,11 @@ pub async fn serve(
                     Some(Expiry::Request(limit)) => {
                         tracing::debug!(client = s.id, "request not completed in time; closing");
                         metrics::counter!(CLIENTS_REJECTED, "reason" => "request_timeout").increment(1);
-                        queue.push_back(Slot {
-                            pending: Pending::Ready(err(format!(
-                                "ERR timed out reading a request: it was not complete within {} ms",
-                                limit.as_millis()
-                            )).to_bytes(s.protocol)),
-                            subscription: false,
-                            command: "protocol_error",
-                            read_at,
-                            span: None,
-                        });
-                        s.closing = true;
+                        let reply = err(format!(
+                            "ERR timed out reading a request: it was not complete within {} ms",
+                            limit.as_millis()
+                        ));
+                        close_with(&mut queue, &mut s, reply, read_at);
                         reading = false;
                     }
                     Some(Expiry::Idle) => {
@@ -490,6 +477,19 @@ pub async fn serve(
         }
     }
     metrics::gauge!(tally::IN_FLIGHT).decrement(in_flight as f64);
+}
+
+/// Queues `reply` after what is owed and closes once it is written: how
+/// the session answers a request it cannot read (protocol error, timeout).
+fn close_with(queue: &mut VecDeque<Slot>, s: &mut Session, reply: Frame, read_at: Instant) {
+    queue.push_back(Slot {
+        pending: Pending::Ready(reply.to_bytes(s.protocol)),
+        subscription: false,
+        command: "protocol_error",
+        read_at,
+        span: None,
+    });
+    s.closing = true;
 }
 
 /// What a session waits for, for its timeouts.
