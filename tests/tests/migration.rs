@@ -247,7 +247,6 @@ async fn resume(m: &Service, cluster: &str, task: &str) {
         .expect("resume");
 }
 
-/// Waits for the task to end and returns it.
 /// The task's progress, as the migrator `m` reports it.
 async fn progress(m: &Service, cluster: &str, task: &str) -> Option<v1::MigrationProgress> {
     MigratorClient::connect(m.url())
