@@ -398,13 +398,10 @@ def container_ports(c):
     return {p["containerPort"] for p in c.get("ports", [])} | {p["name"] for p in c.get("ports", []) if "name" in p}
 
 
-def port_number(c, port):
-    if isinstance(port, int):
-        return port
-    for p in c.get("ports", []):
-        if p.get("name") == port:
-            return p["containerPort"]
-    return None
+def in_namespace(host):
+    """A DNS name in namespace redmesh, as Services and pods know it
+    (`proxy-3.proxy.redmesh.svc` -> `proxy-3.proxy`)."""
+    return re.sub(r"\.redmesh(\.svc(\.cluster\.local)?)?$", "", host)
 
 
 def check_k8s(bins):
@@ -459,7 +456,7 @@ def check_k8s(bins):
         host = re.sub(r"\$\((\w+)\)", lambda m: env_values.get(m.group(1), m.group(0)), host)
         if "$(" in host or host in LOCAL_HOSTS:
             return
-        short = re.sub(r"\.(redmesh)(\.svc(\.cluster\.local)?)?$", "", host)
+        short = in_namespace(host)
         if short not in dns:
             problem(where, f"{flag}: {host} is no Service or StatefulSet pod")
         elif port not in dns[short]:
@@ -605,6 +602,15 @@ def ctl_json(bins, broker, *args):
     return json.loads(out)
 
 
+def registered(spec):
+    """(what, host, port) of every address a registered proxy spec names."""
+    named = [("respAddress", spec["respAddress"]), ("adminAddress", spec["adminAddress"])]
+    named += [("Redis node", node) for node in spec["redisNodes"]]
+    for what, address in named:
+        (host, port), = addresses(address)
+        yield what, host, port
+
+
 def run_scripts(bins, broker, services, listens, by_kind, dns):
     path = os.environ.get("PATH", "")
     env = {"PATH": f"{bins.bin_dir}:{path}"}
@@ -619,15 +625,10 @@ def run_scripts(bins, broker, services, listens, by_kind, dns):
         problem(where, f"demo was created on {ids}: proxy-1's published plain port would not serve it")
     for p in ctl_json(bins, broker, "proxy", "list").get("proxies", []):
         spec = p["spec"]
-        for field in ("respAddress", "adminAddress"):
-            (host, port), = addresses(spec[field])
+        for what, host, port in registered(spec):
             if port not in listens.get(host, set()):
-                problem(where, f"registered {spec['id']} {field} {spec[field]}: {host} listens on "
+                problem(where, f"registered {spec['id']} {what} {host}:{port}: {host} listens on "
                         f"{sorted(listens.get(host, set()))}")
-        for node in spec["redisNodes"]:
-            (host, port), = addresses(node)
-            if port not in listens.get(host, set()):
-                problem(where, f"registered {spec['id']} Redis node {node}, which no service serves")
     # k8s: the proxies' init container registers pod proxy-N.
     res, sts = by_kind["StatefulSet"]["proxy"]
     init = sts["spec"]["template"]["spec"]["initContainers"][0]
@@ -635,15 +636,9 @@ def run_scripts(bins, broker, services, listens, by_kind, dns):
     pod = {"POD_NAME": "proxy-3", "NAMESPACE": "redmesh", "BROKER": broker}
     run_script(where, init["args"][-1], dict(env, **pod), broker)
     got = ctl_json(bins, broker, "proxy", "get", "proxy-3")["proxy"]["spec"]
-    for field in ("respAddress", "adminAddress"):
-        (host, port), = addresses(got[field])
-        short = host.removesuffix(".redmesh.svc")
-        if port not in dns.get(short, set()):
-            problem(where, f"registers {field} {got[field]}, which the headless Service does not serve")
-    for node in got["redisNodes"]:
-        (host, port), = addresses(node)
-        if port not in dns.get(host.removesuffix(".redmesh.svc"), set()):
-            problem(where, f"registers Redis node {node}, which the headless Service does not serve")
+    for what, host, port in registered(got):
+        if port not in dns.get(in_namespace(host), set()):
+            problem(where, f"registers {what} {host}:{port}, which the headless Service does not serve")
 
 
 def main():
