@@ -233,13 +233,19 @@ impl ProxyNode {
             brokers,
             "--metrics-listen",
             &self.metrics,
-            // Tests run many processes on few cores; a keepalive held up by
-            // load must not fence writes in tests that are not about fencing.
-            "--fence-after",
-            "3s",
-        ])
-        .env("RUST_LOG", "info")
-        .envs(self.env.iter().map(|(k, v)| (k, v)));
+        ]);
+        // Tests run many processes on few cores; a keepalive held up by
+        // load must not fence writes in tests that are not about fencing.
+        // Those that are set REDMESH_PROXY_FENCE_AFTER.
+        if !self
+            .env
+            .iter()
+            .any(|(k, _)| k == "REDMESH_PROXY_FENCE_AFTER")
+        {
+            cmd.args(["--fence-after", "3s"]);
+        }
+        cmd.env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = Child::spawn("redmesh-proxy", cmd, &self.log);
         let resp = self.resp.clone();
         wait_until(

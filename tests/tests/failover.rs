@@ -3,7 +3,9 @@
 //! Redis nodes under continuous replica_ack writes is failed over and
 //! replaced from the pool, even when the coordinator leader dies between
 //! the two steps, and no acknowledged write is lost; a dead health-checker
-//! causes no failover; a paused proxy is fenced and replaced; an etcd outage
+//! causes no failover; a paused proxy is fenced, replaced, and its replica
+//! node stops replicating (so it cannot answer a master's `WAIT` in place of
+//! the replacement); an etcd outage
 //! fences writes but not reads and heals without failover; a chunk with both
 //! proxies down costs only its own slots; a replica that never synced is
 //! not promoted to serve an empty shard.
@@ -208,6 +210,30 @@ async fn paused_proxy_is_fenced_and_replaced() {
     let (_checkers, _co) = sys.start_control_plane().await;
     let (victim, _) = sys.key_master(&cluster, b"fenced-key");
     let victim_id = victim.id.clone();
+    // The victim's replica node, and the master it follows.
+    let (replica_addr, master_addr) = cluster
+        .shards
+        .iter()
+        .find_map(|s| {
+            let r = s.replicas.iter().find(|r| r.proxy_id == victim_id)?;
+            let m = s.master.as_ref()?;
+            Some((
+                victim.redis[r.node_index as usize].addr.clone(),
+                sys.proxy(&m.proxy_id).redis[m.node_index as usize]
+                    .addr
+                    .clone(),
+            ))
+        })
+        .expect("the victim holds a replica");
+    let role_of = |addr: String| async move {
+        let client = redis::Client::open(format!("redis://{addr}")).ok()?;
+        let mut c = client.get_multiplexed_async_connection().await.ok()?;
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await.ok()?;
+        match role.first()? {
+            redis::Value::BulkString(r) => Some(String::from_utf8_lossy(r).into_owned()),
+            _ => None,
+        }
+    };
     let child = victim.child.as_ref().unwrap();
     let paused_at = Instant::now();
     child.signal("-STOP");
@@ -221,6 +247,32 @@ async fn paused_proxy_is_fenced_and_replaced() {
         },
     )
     .await;
+    // The coordinator detaches the failed proxy's replica node (its Redis
+    // lives on while the proxy is paused).
+    eventually(
+        "the paused proxy's replica detached",
+        Duration::from_secs(10),
+        || {
+            let addr = replica_addr.clone();
+            async { (role_of(addr).await.as_deref() == Some("master")).then_some(()) }
+        },
+    )
+    .await;
+    // As if that had failed: attached again. The proxy detaches it itself
+    // once it runs and reads that it failed.
+    let (host, port) = master_addr.rsplit_once(':').unwrap();
+    let client = redis::Client::open(format!("redis://{replica_addr}")).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("REPLICAOF")
+        .arg(host)
+        .arg(port)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(
+        role_of(replica_addr.clone()).await.as_deref(),
+        Some("slave")
+    );
     // Past the harness's --fence-after (3 s), then wake it up and write to
     // it at once: the write must be refused, never applied.
     let fence = Duration::from_millis(3500);
@@ -236,6 +288,15 @@ async fn paused_proxy_is_fenced_and_replaced() {
         "a fenced proxy accepted or misrouted a write: {text}\n{}",
         victim.log()
     );
+    eventually(
+        "the resumed proxy detached its replica node",
+        Duration::from_secs(10),
+        || {
+            let addr = replica_addr.clone();
+            async { (role_of(addr).await.as_deref() == Some("master")).then_some(()) }
+        },
+    )
+    .await;
     let (healed, _) = sys.get_cluster("fence").await;
     sys.wait_cluster_ok(&healed).await;
     let (_, node) = sys.key_master(&healed, b"fenced-key");

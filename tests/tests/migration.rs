@@ -1006,3 +1006,120 @@ async fn a_task_whose_cluster_record_vanishes_fails() {
     assert_eq!(t.state, MigrationState::Failed as i32, "{t:?}");
     assert!(t.error.contains("deleted"), "{t:?}");
 }
+
+/// Keys of the source proxy's two Redis nodes.
+async fn keys_at(nodes: &[String]) -> u64 {
+    let mut total = 0;
+    for addr in nodes {
+        let client = redis::Client::open(format!("redis://{addr}")).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let n: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+        total += n;
+    }
+    total
+}
+
+/// Migration rounds are fenced like client writes: a source proxy that
+/// has heard from no broker for `--fence-after` copies, deletes and
+/// discards nothing, since a failover may have handed its keys to another
+/// proxy that moves them now. Its admin API says it is fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_source_proxy_moves_no_key() {
+    let mut sys = System::start(4);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("fenced", 4, v1::ClusterConfig::default())
+        .await;
+    let m = sys.start_migrator("mg-1", &[]);
+    preload(&sys, &cluster).await;
+    let entry = sys.members(&cluster)[0].resp.clone();
+    let (_, task) = scale(&sys, "fenced", 8, 3000).await;
+    eventually("keys moving", Duration::from_secs(30), || async {
+        progress(&m, "fenced", &task)
+            .await
+            .filter(|p| p.keys_moved > 300)
+    })
+    .await;
+    let paused = pause(&m, "fenced", &task).await;
+    let range = paused
+        .task
+        .as_ref()
+        .unwrap()
+        .ranges
+        .iter()
+        .find(|r| r.phase == v1::MigrationPhase::Move as i32 && !r.cursor_proxy_id.is_empty())
+        .cloned()
+        .expect("a range being moved");
+    let source = sys.proxy(&range.cursor_proxy_id);
+    let nodes: Vec<String> = source.redis.iter().map(|r| r.addr.clone()).collect();
+    let mut admin = source.admin_client().await;
+    let epoch = sys.get_cluster("fenced").await.0.epoch;
+    let batch = |max_keys| v1::MigrateBatchRequest {
+        cluster: "fenced".into(),
+        task_id: task.clone(),
+        epoch,
+        range: range.r#move.as_ref().unwrap().range,
+        cursor: 0,
+        max_keys,
+        max_bytes: 0,
+    };
+    // The same call moves keys while the proxy hears from the broker.
+    let before = keys_at(&nodes).await;
+    let moved = admin
+        .migrate_batch(batch(500))
+        .await
+        .expect("a batch before the fence")
+        .into_inner();
+    assert!(moved.keys_moved > 0, "{moved:?}");
+    assert_eq!(keys_at(&nodes).await, before - moved.keys_moved);
+
+    // Cut off from the control plane for longer than --fence-after.
+    sys.broker.kill();
+    eventually(
+        "the source proxy fenced",
+        Duration::from_secs(20),
+        || async {
+            let info = admin
+                .clone()
+                .get_info(v1::GetInfoRequest::default())
+                .await
+                .ok()?
+                .into_inner();
+            info.fenced.then_some(())
+        },
+    )
+    .await;
+    let before = keys_at(&nodes).await;
+    let refused = admin
+        .migrate_batch(batch(500))
+        .await
+        .expect_err("a fenced proxy moved keys");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("fenced"), "{refused:?}");
+    assert_eq!(keys_at(&nodes).await, before, "keys left the fenced source");
+
+    // Back in touch: the task finishes and every key reads back.
+    sys.broker.restart();
+    eventually("the fence lifted", Duration::from_secs(20), || async {
+        let info = admin
+            .clone()
+            .get_info(v1::GetInfoRequest::default())
+            .await
+            .ok()?
+            .into_inner();
+        (!info.fenced).then_some(())
+    })
+    .await;
+    resume(&m, "fenced", &task).await;
+    let done = finished(&m, "fenced", &task).await;
+    assert_eq!(
+        done.task.as_ref().unwrap().state,
+        MigrationState::Completed as i32,
+        "{done:?}"
+    );
+    verify(&entry).await;
+}

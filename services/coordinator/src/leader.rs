@@ -155,6 +155,11 @@ impl Actor {
                     Ok(done) => {
                         acted = true;
                         inc.clear(&tag);
+                        if let Some(p) = snap.proxies.get(pid) {
+                            tokio::spawn(crate::switchover::detach_replicas(
+                                p.spec.redis_nodes.clone(),
+                            ));
+                        }
                         let elapsed = detected.elapsed();
                         metrics::histogram!("redmesh_coordinator_failover_duration_seconds")
                             .record(elapsed.as_secs_f64());

@@ -214,3 +214,36 @@ pub async fn switchover(
     }
     outcome
 }
+
+/// After a failover, best effort: turns the failed proxy's nodes that still
+/// replicate into stand-alone nodes (their data is kept). A proxy can fail
+/// while its Redis nodes live on (the process crashed, hung or was paused);
+/// such a node stays attached to a healthy master next to the replacement
+/// replica, and `WAIT 1` on that master could then be answered by it, not
+/// by the replica a failover would promote. Nothing is lost if this fails:
+/// the proxy detaches them itself when it runs again and reads that it
+/// failed.
+pub async fn detach_replicas(nodes: [Address; 2]) {
+    for addr in &nodes {
+        let outcome = async {
+            let mut conn = connect(addr).await?;
+            let role = run(&mut conn, addr, &redis::cmd("ROLE")).await?;
+            let is_replica = matches!(&role, redis::Value::Array(items)
+                if matches!(items.first(), Some(redis::Value::BulkString(r)) if r.as_slice() == b"slave"));
+            if is_replica {
+                run(&mut conn, addr, redis::cmd("REPLICAOF").arg("NO").arg("ONE")).await?;
+            }
+            Ok::<_, SwitchError>(is_replica)
+        }
+        .await;
+        match outcome {
+            Ok(true) => {
+                tracing::info!(node = %addr, "detached a failed proxy's replica node from its master")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(node = %addr, error = %e, "could not reach a failed proxy's node")
+            }
+        }
+    }
+}

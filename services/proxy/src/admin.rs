@@ -159,7 +159,7 @@ impl v1::proxy_admin_server::ProxyAdmin for Admin {
             started_at: Some(convert::timestamp(self.started_at)),
             client_connections: self.shared.clients.load(Ordering::Relaxed),
             nodes,
-            fenced: false,
+            fenced: self.shared.fenced().is_some(),
         }))
     }
 

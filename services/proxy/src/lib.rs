@@ -181,7 +181,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         request_timeout: nonzero(config.request_timeout),
     });
     let mover = Arc::new(migrate::Mover {
-        locks: shared.locks.clone(),
+        shared: shared.clone(),
         retired,
         barrier_epoch: Mutex::new(0),
         big_key_bytes: config.migrate_big_key_bytes,

@@ -7,6 +7,15 @@
 //! `UNLINK` them at the source (then `WAIT` again). A key is deleted at the
 //! source only once its copy is confirmed, and no client command touches it
 //! in between (the locks), so no acknowledged write is lost.
+//!
+//! Rounds are fenced like client writes: before each write at the
+//! destination, delete at the source, or discard of copies, the proxy
+//! checks that a broker vouched for its view within `fence_after` and that
+//! the current view still moves these slots, from the same node to the same
+//! destination. A round that outlived its view (the process was paused, or
+//! the source shard failed over to another proxy that now moves the same
+//! keys) could otherwise discard the copies the new source made, the only
+//! ones left.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,8 +27,8 @@ use tokio::task::JoinSet;
 
 use crate::dedicated::{Dedicated, DedicatedPool};
 use crate::link::Link;
-use crate::locks::KeyLocks;
 use crate::routing::{Outgoing, Retired, RouteTable};
+use crate::session::Shared;
 
 /// How long `WAIT` gives a replica to confirm a batch.
 const CONFIRM_MS: u32 = 2000;
@@ -158,8 +167,9 @@ pub struct Moved {
 
 /// Moves batches for one proxy.
 pub struct Mover {
-    /// Key locks shared with client sessions.
-    pub locks: Arc<KeyLocks>,
+    /// What client sessions share: key locks, the current table, the
+    /// topology's freshness.
+    pub shared: Arc<Shared>,
     /// Tables replaced by newer ones.
     pub retired: Arc<Retired>,
     /// Epoch of the table whose barrier has passed.
@@ -257,6 +267,13 @@ impl Mover {
                 ))
             })?
             .clone();
+        // Rounds check that the slots they move are still theirs: the
+        // batch's, not the whole outgoing range (which the next view may
+        // split).
+        let out = Outgoing {
+            range: b.range,
+            ..out
+        };
         if c.node_ready[usize::from(out.node)].is_err() {
             return Err(MigrateError::Backend(format!(
                 "the source node is not ready: {:?}",
@@ -371,6 +388,36 @@ impl Mover {
         Ok(())
     }
 
+    /// Whether this proxy may still act on `out` (see the module comment):
+    /// not fenced, and the current table moves `out.range` from the same
+    /// local node to the same destination node for the same task.
+    fn still_moving(&self, out: &Outgoing) -> Result<(), MigrateError> {
+        if let Some(why) = self.shared.fenced() {
+            return Err(MigrateError::Precondition(why));
+        }
+        let table = self.shared.table.borrow().clone();
+        let same = table.serving.as_ref().is_ok_and(|c| {
+            c.outgoing.iter().any(|o| {
+                o.task_id == out.task_id
+                    && o.node == out.node
+                    && o.target.addr() == out.target.addr()
+                    && o.range.start() <= out.range.start()
+                    && out.range.end() <= o.range.end()
+            })
+        });
+        if same {
+            Ok(())
+        } else {
+            Err(MigrateError::Precondition(format!(
+                "slots {} no longer move from this proxy to {} for task {} (topology epoch {})",
+                out.range,
+                out.target.addr(),
+                out.task_id,
+                table.epoch
+            )))
+        }
+    }
+
     /// Moves `keys` (sorted, distinct) under their locks.
     async fn move_keys(
         &self,
@@ -381,7 +428,7 @@ impl Mover {
         require_confirm: bool,
         big_key_bytes: u64,
     ) -> Result<Moved, MigrateError> {
-        let _held = self.locks.lock(keys).await;
+        let _held = self.shared.locks.lock(keys).await;
         let limit = big_key_bytes.to_string();
         let numkeys = keys.len().to_string();
         let mut args: Vec<&[u8]> = Vec::with_capacity(keys.len() + 5);
@@ -489,6 +536,16 @@ impl Mover {
         copied: &[Bytes],
         require_confirm: bool,
     ) -> Result<(), MigrateError> {
+        if require_confirm && !out.target_has_replica {
+            // As client writes get NOREPLICAS: moving keys from a shard
+            // with a replica to one without would drop their redundancy.
+            return Err(MigrateError::Backend(
+                "the destination shard has no replica right now (durability replica_ack); \
+                 the keys stay at the source until it has one"
+                    .into(),
+            ));
+        }
+        self.still_moving(out)?;
         let n = writes.len();
         if out.target_has_replica {
             writes.push(cmd(&[b"WAIT", b"1", CONFIRM_MS.to_string().as_bytes()]));
@@ -516,6 +573,12 @@ impl Mover {
         if let Some(why) = failure {
             self.discard(out, copied).await;
             return Err(MigrateError::Backend(why));
+        }
+        if let Err(e) = self.still_moving(out) {
+            // Not ours to delete any more, nor to discard: whoever moves
+            // these slots now replaces the copies or moves them back.
+            tracing::warn!(error = %e, keys = copied.len(), "stopping a migration round between copy and delete");
+            return Err(e);
         }
         let mut unlink: Vec<&[u8]> = vec![b"UNLINK"];
         unlink.extend(copied.iter().map(|k| k.as_ref()));
@@ -563,7 +626,7 @@ impl Mover {
     ) -> Result<Moved, MigrateError> {
         // Held by name, not by stripe: the copy takes seconds, and other
         // keys of the stripe must not wait for it.
-        let held = self.locks.lock_long(&key).await;
+        let held = self.shared.locks.lock_long(&key).await;
         let r = pipeline(src, &[cmd(&[b"TYPE", &key])]).await?;
         let kind = match &r[0] {
             Frame::Simple(t) => t.clone(),
@@ -751,6 +814,12 @@ impl Mover {
     /// Best effort: deletes copies at the destination after a failed batch
     /// (the keys' locks are still held, so no client wrote them there).
     async fn discard(&self, out: &Outgoing, keys: &[Bytes]) {
+        if let Err(e) = self.still_moving(out) {
+            // Another proxy may be moving the same keys now: its copies
+            // may be the only ones left.
+            tracing::warn!(error = %e, keys = keys.len(), "leaving copies at the migration destination");
+            return;
+        }
         let mut args: Vec<&[u8]> = vec![b"UNLINK"];
         args.extend(keys.iter().map(|k| k.as_ref()));
         let req = cmd(&args);

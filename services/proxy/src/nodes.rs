@@ -148,7 +148,7 @@ async fn ensure_master(node: &Backend, uid: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Back in the pool: a master again, replicating from nobody.
+/// Back in the pool, or failed: a master again, replicating from nobody.
 async fn stop_replicating(node: &Backend) -> Result<(), String> {
     if current_master(node).await?.is_some() {
         replicaof_no_one(node).await?;
@@ -256,9 +256,15 @@ pub struct NodeTask {
 /// proxy's address) does not touch Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
-    /// Leave the nodes alone: the proxy is unregistered or failed (its data
-    /// may be the last copy), or the metadata is inconsistent.
+    /// Leave the nodes alone: the proxy is unregistered, or the metadata
+    /// is inconsistent.
     Untouched,
+    /// Taken out of its cluster after a failure: keep the data (a master's
+    /// may be the last copy of writes its replica missed), but stop
+    /// replicating. A replica left attached to a healthy master could
+    /// answer that master's `WAIT 1` in place of the replacement replica a
+    /// failover would promote.
+    Detach,
     /// Back in the pool: stop replicating and wipe redmesh data.
     Wipe,
     /// Serve the cluster with this uid.
@@ -277,6 +283,7 @@ pub fn plan(view: &ProxyView) -> Plan {
     };
     match (proxy.state, view.cluster.as_ref()) {
         (ProxyState::Free, _) => Plan::Wipe,
+        (ProxyState::Failed, _) => Plan::Detach,
         (ProxyState::Allocated, Some(cluster)) => Plan::Serve {
             uid: cluster.uid.clone(),
             nodes: cluster.node_roles(&view.proxy_id).map(|role| {
@@ -304,6 +311,16 @@ pub async fn apply(plan: &Plan, nodes: &[Backend; 2]) -> Vec<NodeReport> {
     let mut out = Vec::new();
     match plan {
         Plan::Untouched => {}
+        Plan::Detach => {
+            for node in nodes {
+                out.push(NodeReport {
+                    addr: node.addr().to_owned(),
+                    role: NodeRole::Idle,
+                    master_addr: None,
+                    outcome: stop_replicating(node).await,
+                });
+            }
+        }
         Plan::Wipe => {
             for node in nodes {
                 out.push(NodeReport {
