@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use redmesh_api::v1::{self, broker_client::BrokerClient};
 use redmesh_runtime::trace_context::{traced, TracedChannel};
-use tonic::transport::Channel;
 
 use crate::harness::{bin_path, raw_exchange, wait_until};
 use crate::{free_port, Child, Etcd, Redis};
@@ -120,9 +119,10 @@ impl Service {
         self.wait_serving();
     }
 
-    /// `http://` URL of the gRPC endpoint.
+    /// URL of the gRPC endpoint: `https://` once the test installed TLS
+    /// options (`redmesh_runtime::TlsArgs::install`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        redmesh_runtime::tls::url(&self.addr)
     }
 
     fn wait_serving(&mut self) {
@@ -150,7 +150,7 @@ impl Service {
 pub fn grpc_serving(url: &str) -> bool {
     let url = url.to_owned();
     run_blocking(async move {
-        let Ok(ch) = Channel::from_shared(url)
+        let Ok(ch) = redmesh_runtime::tls::endpoint(&url)
             .expect("url")
             .connect_timeout(Duration::from_millis(300))
             .connect()
@@ -264,7 +264,7 @@ impl ProxyNode {
     /// A client of the proxy's admin gRPC API.
     /// (Its calls carry the test process's API token, if it installed one.)
     pub async fn admin_client(&self) -> v1::proxy_admin_client::ProxyAdminClient<TracedChannel> {
-        let channel = Channel::from_shared(format!("http://{}", self.admin))
+        let channel = redmesh_runtime::tls::endpoint(&self.admin)
             .expect("admin url")
             .connect()
             .await
@@ -461,7 +461,7 @@ impl System {
     /// A broker client.
     /// (Its calls carry the test process's API token, if it installed one.)
     pub async fn broker(&self) -> BrokerClient<TracedChannel> {
-        let channel = Channel::from_shared(self.broker.url())
+        let channel = redmesh_runtime::tls::endpoint(&self.broker.url())
             .expect("broker url")
             .connect()
             .await
@@ -607,9 +607,12 @@ pub fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
 
 /// A coordinator's status.
 pub async fn coordinator_status(svc: &Service) -> v1::GetStatusResponse {
-    v1::coordinator_client::CoordinatorClient::connect(svc.url())
+    let channel = redmesh_runtime::tls::endpoint(&svc.url())
+        .expect("coordinator url")
+        .connect()
         .await
-        .expect("coordinator")
+        .expect("coordinator");
+    v1::coordinator_client::CoordinatorClient::new(channel)
         .get_status(v1::GetStatusRequest {})
         .await
         .expect("status")

@@ -56,6 +56,11 @@ struct Cli {
     /// The API token to send.
     #[command(flatten)]
     api_token: redmesh_runtime::ApiTokenArgs,
+    /// TLS: --tls-ca to call the services over TLS, plus --tls-cert,
+    /// --tls-key and --tls-client-auth where they require client
+    /// certificates.
+    #[command(flatten)]
+    tls: redmesh_runtime::TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -355,6 +360,10 @@ async fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
+    if let Err(e) = cli.tls.install() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let span = tracing::info_span!(
         "redmeshctl",
         otel.name = %format!("redmeshctl {}", verbs(&matches)),
@@ -367,6 +376,20 @@ async fn main() -> ExitCode {
         Err(e) => {
             if let Some(status) = e.downcast_ref::<tonic::Status>() {
                 eprintln!("error: {}: {}", code_name(status.code()), status.message());
+                // What a plaintext call to a TLS-only server gets back
+                // (the connection is dropped during the HTTP/2 preface).
+                let transport = matches!(
+                    status.code(),
+                    tonic::Code::Cancelled | tonic::Code::Internal | tonic::Code::Unknown
+                ) && std::error::Error::source(status).is_some()
+                    || status.message().contains("h2 protocol error");
+                if transport && !redmesh_runtime::tls::client_tls() {
+                    eprintln!(
+                        "hint: the service may require TLS: pass --tls-ca (and --tls-cert, \
+                         --tls-key and --tls-client-auth if it requires client certificates)"
+                    );
+                    return ExitCode::from(3);
+                }
                 return ExitCode::from(if status.code() == tonic::Code::Unavailable {
                     3
                 } else {
@@ -401,7 +424,7 @@ fn code_name(code: tonic::Code) -> String {
 /// Connects to `service` (named in errors) at `url`. `streaming` drops the
 /// per-request timeout, which would cut a watch short.
 async fn channel(service: &str, url: &str, streaming: bool) -> anyhow::Result<TracedChannel> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+    let mut endpoint = redmesh_runtime::tls::endpoint(url)
         .with_context(|| format!("invalid {service} URL {url:?}"))?
         .connect_timeout(Duration::from_secs(3));
     if !streaming {
@@ -493,7 +516,7 @@ async fn replica_sync(c: &v1::Cluster, proxies: &[v1::Proxy]) -> SyncStates {
         }
         let (id, admin) = (spec.id.clone(), spec.admin_address.clone());
         calls.spawn(async move {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{admin}"))
+            let channel = redmesh_runtime::tls::endpoint(&admin)
                 .ok()?
                 .connect_timeout(Duration::from_secs(1))
                 .timeout(Duration::from_secs(2))

@@ -110,15 +110,22 @@ pub async fn serve(
     // The builder's tcp_nodelay only applies to sockets tonic binds itself;
     // accepted sockets need it here, or Nagle delays every small response
     // by the peer's delayed-ACK timer (~40 ms).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .layer(crate::grpc_metrics::GrpcMetricsLayer)
         // Inside the metrics layer, so refused calls count as Unauthenticated.
         .layer(crate::auth::RequireTokenLayer)
-        .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(incoming, drain)
-        .await?;
+        .add_routes(routes.routes());
+    // The TLS listener is ours, not tonic's, so that a renewed certificate
+    // is used without a restart (crate::tls).
+    match crate::tls::incoming(listener) {
+        Ok(tls) => router.serve_with_incoming_shutdown(tls, drain).await?,
+        Err(listener) => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, drain).await?
+        }
+    }
     Ok(())
 }

@@ -13,9 +13,11 @@ pub mod grpc;
 pub mod grpc_metrics;
 pub mod leading;
 pub mod shutdown;
+pub mod tls;
 pub mod trace_context;
 
 pub use args::{EtcdArgs, TelemetryArgs};
 pub use auth::ApiTokenArgs;
 pub use shutdown::shutdown_on_signals;
+pub use tls::TlsArgs;
 pub use tokio_util::sync::CancellationToken;

@@ -44,6 +44,9 @@ pub struct Config {
     /// The API token calls must carry.
     #[command(flatten)]
     pub api_token: redmesh_runtime::ApiTokenArgs,
+    /// TLS on the gRPC API.
+    #[command(flatten)]
+    pub tls: redmesh_runtime::TlsArgs,
     /// Logging and metrics.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
@@ -77,7 +80,7 @@ pub async fn serve(
     migrator: &str,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let migrator = tonic::transport::Endpoint::from_shared(format!("http://{migrator}"))
+    let migrator = redmesh_runtime::tls::endpoint(migrator)
         .with_context(|| format!("invalid --migrator address {migrator:?}"))?
         .connect_timeout(std::time::Duration::from_secs(2))
         .connect_lazy();

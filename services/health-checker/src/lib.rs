@@ -55,6 +55,9 @@ pub struct Config {
     /// The API token calls must carry.
     #[command(flatten)]
     pub api_token: redmesh_runtime::ApiTokenArgs,
+    /// TLS on the gRPC API.
+    #[command(flatten)]
+    pub tls: redmesh_runtime::TlsArgs,
     /// Logging and metrics.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,

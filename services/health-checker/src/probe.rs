@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use redmesh_runtime::trace_context::{traced, TracedChannel};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tonic::transport::Endpoint;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
 
@@ -115,8 +114,8 @@ impl Probe {
             }
             Self::Grpc { addr, client } => {
                 if client.is_none() {
-                    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                        .map_err(|e| format!("bad address: {e}"))?
+                    let endpoint = redmesh_runtime::tls::endpoint(addr)
+                        .map_err(|e| e.to_string())?
                         .connect_timeout(timeout)
                         .tcp_nodelay(true);
                     *client = Some(HealthClient::new(traced(endpoint.connect_lazy())));

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use redmesh_api::v1::{self, proxy_admin_client::ProxyAdminClient};
 use redmesh_runtime::trace_context::{traced, TracedChannel};
-use tonic::transport::Endpoint;
 use tonic::Status;
 
 /// Admin clients, one lazily connected channel per address.
@@ -23,8 +22,8 @@ impl ProxyClients {
         if let Some(c) = cache.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(format!("bad proxy admin address {addr}: {e}")))?
+        let channel = redmesh_runtime::tls::endpoint(addr)
+            .map_err(|e| Status::internal(format!("bad proxy admin address: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
         let client = ProxyAdminClient::new(traced(channel))

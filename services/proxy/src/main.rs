@@ -15,6 +15,7 @@ fn main() -> anyhow::Result<()> {
         .block_on(async {
             config.telemetry.init("proxy")?;
             config.api_token.install(true)?;
+            config.tls.install()?;
             let result = redmesh_proxy::run(config, redmesh_runtime::shutdown_on_signals()).await;
             redmesh_telemetry::flush_traces().await;
             result

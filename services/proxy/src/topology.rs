@@ -128,7 +128,7 @@ async fn stream_once(
     tx: &watch::Sender<Option<Arc<ProxyView>>>,
     feed: &TopologyFeed,
 ) -> anyhow::Result<()> {
-    let endpoint = tonic::transport::Endpoint::from_shared(broker.to_owned())?
+    let endpoint = redmesh_runtime::tls::endpoint(broker)?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true);
     let channel = endpoint.connect().await?;
