@@ -318,6 +318,28 @@ async fn scale(sys: &System, cluster: &str, nodes: u32, rate: u64) -> (v1::Scale
     (r.plan.expect("plan"), r.task_id)
 }
 
+/// A preloaded 4-node cluster `name` scaling to 8 at 3,000 keys/s (slow
+/// enough to act on mid-way: ~11,000 keys move), once more than `moved`
+/// keys have moved: the system, its migrator, the task and a RESP entry.
+async fn scaling_under_way(name: &str, moved: u64) -> (System, Service, String, String) {
+    let sys = System::start(4);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster(name, 4, v1::ClusterConfig::default())
+        .await;
+    let m = sys.start_migrator("mg-1", &[]);
+    preload(&sys, &cluster).await;
+    let entry = sys.members(&cluster)[0].resp.clone();
+    let (_, task) = scale(&sys, name, 8, 3000).await;
+    eventually("keys moving", Duration::from_secs(30), || async {
+        progress(&m, name, &task)
+            .await
+            .filter(|p| p.keys_moved > moved)
+    })
+    .await;
+    (sys, m, task, entry)
+}
+
 fn slots_per_shard(c: &v1::Cluster) -> Vec<u32> {
     let mut per: std::collections::BTreeMap<u32, u32> = Default::default();
     for a in &c.slots {
@@ -537,23 +559,7 @@ async fn a_source_proxy_killed_mid_task_fails_over_and_the_task_finishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_resumed_restarted_and_cancelled_tasks_keep_every_key() {
-    let sys = System::start(4);
-    sys.register_all().await;
-    let cluster = sys
-        .create_cluster("ctl", 4, v1::ClusterConfig::default())
-        .await;
-    let mut m = sys.start_migrator("mg-1", &[]);
-    preload(&sys, &cluster).await;
-    let entry = sys.members(&cluster)[0].resp.clone();
-
-    // Slow enough to act on mid-way: ~11,000 keys move at 3,000 keys/s.
-    let (_, task) = scale(&sys, "ctl", 8, 3000).await;
-    eventually("keys moving", Duration::from_secs(30), || async {
-        progress(&m, "ctl", &task)
-            .await
-            .filter(|p| p.keys_moved > 500)
-    })
-    .await;
+    let (sys, mut m, task, entry) = scaling_under_way("ctl", 500).await;
     // Paused: the runner saves its state and stops moving.
     let paused = pause(&m, "ctl", &task).await;
     let moved = paused.keys_moved;
@@ -1025,21 +1031,7 @@ async fn keys_at(nodes: &[String]) -> u64 {
 /// proxy that moves them now. Its admin API says it is fenced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_source_proxy_moves_no_key() {
-    let mut sys = System::start(4);
-    sys.register_all().await;
-    let cluster = sys
-        .create_cluster("fenced", 4, v1::ClusterConfig::default())
-        .await;
-    let m = sys.start_migrator("mg-1", &[]);
-    preload(&sys, &cluster).await;
-    let entry = sys.members(&cluster)[0].resp.clone();
-    let (_, task) = scale(&sys, "fenced", 8, 3000).await;
-    eventually("keys moving", Duration::from_secs(30), || async {
-        progress(&m, "fenced", &task)
-            .await
-            .filter(|p| p.keys_moved > 300)
-    })
-    .await;
+    let (mut sys, m, task, entry) = scaling_under_way("fenced", 300).await;
     let paused = pause(&m, "fenced", &task).await;
     let range = paused
         .task

@@ -161,8 +161,16 @@ fn invalid(what: &'static str, path: &Path, why: impl Into<String>) -> TlsError 
 }
 
 fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(what, path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
+    parse_certs(what, path, &read(what, path)?)
+}
+
+/// The certificates in `pem` (read from `path`), at least one.
+fn parse_certs(
+    what: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(what, path, format!("unreadable PEM: {e}")))?;
     if certs.is_empty() {
@@ -196,17 +204,11 @@ impl std::fmt::Debug for ServerState {
 }
 
 impl ServerState {
-    fn files(args: &TlsArgs) -> Vec<&Path> {
+    /// Modification times of the files in use.
+    fn stamps(args: &TlsArgs) -> Vec<Option<SystemTime>> {
         [&args.cert, &args.key, &args.ca]
             .into_iter()
             .flatten()
-            .map(PathBuf::as_path)
-            .collect()
-    }
-
-    fn stamps(args: &TlsArgs) -> Vec<Option<SystemTime>> {
-        Self::files(args)
-            .into_iter()
             .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
             .collect()
     }
@@ -287,7 +289,7 @@ fn client_config(args: &TlsArgs) -> Result<Option<ClientTlsConfig>, TlsError> {
         return Ok(None);
     };
     let ca = read("TLS CA", ca_path)?;
-    certs("TLS CA", ca_path)?;
+    parse_certs("TLS CA", ca_path, &ca)?;
     let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
     if args.client_auth {
         if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
