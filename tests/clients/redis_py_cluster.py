@@ -1,13 +1,16 @@
 """redis-py's RedisCluster against a redmesh cluster, in RESP3 (redis-py's
-default) and RESP2. Usage: redis_py_cluster.py HOST PORT [PASSWORD].
-Exits non-zero with a message on the first wrong answer."""
+default) and RESP2. Usage: redis_py_cluster.py HOST PORT [PASSWORD [CA]]:
+with CA (a PEM file), over TLS verifying the proxies against it; an empty
+PASSWORD means none. Exits non-zero with a message on the first wrong
+answer, and prints the nodes the client found."""
 import sys
 
 from redis.cluster import RedisCluster
 
 
-def check(protocol, host, port, password):
-    rc = RedisCluster(host=host, port=port, protocol=protocol, password=password)
+def check(protocol, host, port, password, ca):
+    tls = {"ssl": True, "ssl_ca_certs": ca} if ca else {}
+    rc = RedisCluster(host=host, port=port, protocol=protocol, password=password, **tls)
     for i in range(500):
         rc.set(f"py:{protocol}:{i}", i)
     for i in range(500):
@@ -27,6 +30,7 @@ def check(protocol, host, port, password):
 
 if __name__ == "__main__":
     host, port = sys.argv[1], int(sys.argv[2])
-    password = sys.argv[3] if len(sys.argv) > 3 else None
+    password = sys.argv[3] or None if len(sys.argv) > 3 else None
+    ca = sys.argv[4] if len(sys.argv) > 4 else None
     for protocol in (3, 2):
-        check(protocol, host, port, password)
+        check(protocol, host, port, password, ca)

@@ -193,6 +193,9 @@ pub struct ProxyNode {
     pub resp: String,
     /// Second RESP address, always in plain-client mode.
     pub plain: String,
+    /// RESP-over-TLS address, when the system runs with a TLS certificate
+    /// (REDMESH_TLS_CERT in its environment).
+    pub tls: Option<String>,
     /// Admin gRPC address.
     pub admin: String,
     /// Prometheus `/metrics` address.
@@ -234,6 +237,9 @@ impl ProxyNode {
             "--metrics-listen",
             &self.metrics,
         ]);
+        if let Some(tls) = &self.tls {
+            cmd.args(["--tls-listen", tls]);
+        }
         // Tests run many processes on few cores; a keepalive held up by
         // load must not fence writes in tests that are not about fencing.
         // Those that are set REDMESH_PROXY_FENCE_AFTER.
@@ -280,6 +286,7 @@ impl ProxyNode {
             admin_address: self.admin.clone(),
             host: self.host.clone(),
             redis_nodes: self.redis.iter().map(|r| r.addr.clone()).collect(),
+            resp_tls_address: self.tls.clone().unwrap_or_default(),
         }
     }
 
@@ -360,6 +367,10 @@ impl System {
                 host: if i % 2 == 0 { "host-a" } else { "host-b" }.into(),
                 resp: format!("127.0.0.1:{}", free_port()),
                 plain: format!("127.0.0.1:{}", free_port()),
+                tls: env
+                    .iter()
+                    .any(|(k, _)| *k == "REDMESH_TLS_CERT")
+                    .then(|| format!("127.0.0.1:{}", free_port())),
                 admin: format!("127.0.0.1:{}", free_port()),
                 metrics: format!("127.0.0.1:{}", free_port()),
                 redis: [Redis::start(), Redis::start()],

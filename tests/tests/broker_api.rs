@@ -18,6 +18,7 @@ fn spec(id: &str, base: u16) -> v1::ProxySpec {
             format!("127.0.0.1:{}", base + 2),
             format!("127.0.0.1:{}", base + 3),
         ],
+        resp_tls_address: String::new(),
     }
 }
 

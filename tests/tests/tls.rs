@@ -1,84 +1,25 @@
-//! TLS on the gRPC API end to end: every service, every proxy and
-//! redmeshctl with certificates from files (a CA made here), mutual TLS
-//! required. The whole system works over it — proxies follow the broker,
+//! TLS end to end: every service, every proxy and redmeshctl with
+//! certificates from files (a CA made here), mutual TLS required on the
+//! gRPC API. The whole system works over it — proxies follow the broker,
 //! a scale-out runs broker → migrator → proxies, health-checkers probe the
 //! proxies and a failed proxy is replaced — while a plaintext client, a
 //! client that does not trust the CA and one without a client certificate
-//! are refused. A renewed server certificate is served without a restart,
-//! and a broken renewal keeps the previous one.
+//! are refused. The proxies' RESP listeners over TLS serve `redis-cli
+//! --tls -c` and redis-py's `RedisCluster(ssl=True)`, redirecting TLS
+//! clients to TLS addresses. A renewed server certificate is served
+//! without a restart, and a broken renewal keeps the previous one.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use redmesh_api::v1;
-use redmesh_e2e::harness::{bin_path, eventually};
+use redmesh_e2e::harness::{bin_path, eventually, python};
+use redmesh_e2e::pki::Pki;
 use redmesh_e2e::system::{Service, System};
 use redmesh_e2e::Etcd;
 use tokio_rustls::rustls;
-
-/// A CA and the certificates it signs, as PEM files in a temporary
-/// directory.
-struct Pki {
-    dir: tempfile::TempDir,
-    issuer: Issuer<'static, KeyPair>,
-    ca: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "redmesh test CA");
-        let cert = params.self_signed(&key).unwrap();
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, cert.pem()).unwrap();
-        Self {
-            dir,
-            issuer: Issuer::new(params, key),
-            ca,
-        }
-    }
-
-    /// A certificate for 127.0.0.1 and localhost, good for serving and for
-    /// client authentication, written as `<name>.pem` and `<name>-key.pem`.
-    fn leaf(&self, name: &str) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (c, k) = self.paths(name);
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-
-    fn paths(&self, name: &str) -> (PathBuf, PathBuf) {
-        (
-            self.dir.path().join(format!("{name}.pem")),
-            self.dir.path().join(format!("{name}-key.pem")),
-        )
-    }
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -159,6 +100,8 @@ async fn every_grpc_call_runs_over_mutual_tls() {
         ("REDMESH_TLS_KEY", s(&key)),
         ("REDMESH_TLS_CA", s(&pki.ca)),
         ("REDMESH_TLS_CLIENT_AUTH", "true"),
+        // RESP clients: a certificate is optional, but checked if shown.
+        ("REDMESH_PROXY_TLS_AUTH_CLIENTS", "optional"),
     ];
     // Six proxies: one chunk (two proxies) serves, a second joins it by
     // the scale-out, two stay free to replace a failed one.
@@ -254,6 +197,7 @@ async fn every_grpc_call_runs_over_mutual_tls() {
     })
     .await;
     sys.wait_cluster_ok(&grown).await;
+    resp_over_tls(&sys, &grown, pki);
 
     // Health-checkers → proxies, coordinator: a killed proxy is replaced
     // from the pool (a checker that could not probe over TLS would see
@@ -286,6 +230,126 @@ async fn every_grpc_call_runs_over_mutual_tls() {
             .await
             .unwrap();
         assert_eq!(v, Some(i), "k{i}");
+    }
+}
+
+/// redis-cli at `addr` (`--tls` and more in `opts`): its stdout, or its
+/// error output when it fails.
+fn redis_cli(addr: &str, opts: &[&str], args: &[&str]) -> Result<String, String> {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let out = Command::new("redis-cli")
+        .args(["-h", host, "-p", port])
+        .args(opts)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("redis-cli runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    // redis-cli reports a failed connection on stderr, or as its reply.
+    if out.status.success() && !stdout.starts_with("Could not connect") && !stdout.contains("Error")
+    {
+        Ok(stdout)
+    } else {
+        Err(format!("{stdout} {}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// Which of `ports` a redis-cli reply names (it prints one element per
+/// line; ports are above the highest slot, 16383, so no slot is taken for
+/// one).
+fn ports_named(
+    reply: &str,
+    ports: &std::collections::BTreeSet<String>,
+) -> std::collections::BTreeSet<String> {
+    reply
+        .lines()
+        .map(str::trim)
+        .filter(|l| ports.contains(*l))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The proxies' RESP listeners over TLS: cluster clients follow
+/// redirections to TLS addresses and never to plaintext ones; clients
+/// that do not trust the CA, or show a certificate it did not sign, are
+/// refused; plaintext clients still see plaintext addresses.
+fn resp_over_tls(sys: &System, cluster: &v1::Cluster, pki: &Pki) {
+    let members = sys.members(cluster);
+    assert!(members.len() >= 4, "redirections need several proxies");
+    let tls_addrs: Vec<&str> = members
+        .iter()
+        .map(|p| p.tls.as_deref().expect("proxies listen for TLS"))
+        .collect();
+    let tls_ports: std::collections::BTreeSet<String> = tls_addrs
+        .iter()
+        .map(|a| a.rsplit_once(':').unwrap().1.to_owned())
+        .collect();
+    let plain_ports: std::collections::BTreeSet<String> = members
+        .iter()
+        .map(|p| p.resp.rsplit_once(':').unwrap().1.to_owned())
+        .collect();
+    let tls = ["--tls", "--cacert", s(&pki.ca)];
+    let entry = tls_addrs[0];
+    // -c follows MOVED: the keys spread over every proxy.
+    let cluster_tls = [&tls[..], &["-c"]].concat();
+    for i in 0..40 {
+        let key = format!("tls:{i}");
+        assert_eq!(
+            redis_cli(entry, &cluster_tls, &["set", &key, &format!("v{i}")]).as_deref(),
+            Ok("OK")
+        );
+        assert_eq!(
+            redis_cli(entry, &cluster_tls, &["get", &key]),
+            Ok(format!("v{i}"))
+        );
+    }
+    let every_port = tls_ports.union(&plain_ports).cloned().collect();
+    let over_tls = redis_cli(entry, &tls, &["cluster", "slots"]).unwrap();
+    assert_eq!(ports_named(&over_tls, &every_port), tls_ports, "{over_tls}");
+    let over_plain = redis_cli(&members[0].resp, &[], &["cluster", "slots"]).unwrap();
+    assert_eq!(
+        ports_named(&over_plain, &every_port),
+        plain_ports,
+        "{over_plain}"
+    );
+    let nodes = redis_cli(entry, &tls, &["cluster", "nodes"]).unwrap();
+    for a in &tls_addrs {
+        assert!(nodes.contains(&format!("{a}@")), "{a} in {nodes}");
+    }
+
+    // Refused: a client trusting another CA, one showing a certificate
+    // another CA signed, and a plaintext client on the TLS port.
+    let other = Pki::new();
+    let (other_cert, other_key) = other.leaf("stranger");
+    assert!(redis_cli(entry, &["--tls", "--cacert", s(&other.ca)], &["ping"]).is_err());
+    let stranger = [
+        &tls[..],
+        &["--cert", s(&other_cert), "--key", s(&other_key)],
+    ]
+    .concat();
+    assert!(redis_cli(entry, &stranger, &["ping"]).is_err());
+    assert!(redis_cli(entry, &[], &["ping"]).is_err());
+    // ...while a certificate the CA signed is accepted.
+    let (cert, key) = pki.leaf("app");
+    let known = [&tls[..], &["--cert", s(&cert), "--key", s(&key)]].concat();
+    assert_eq!(redis_cli(entry, &known, &["ping"]).as_deref(), Ok("PONG"));
+
+    // redis-py's RedisCluster over TLS finds the proxies at their TLS
+    // addresses.
+    let (host, port) = entry.rsplit_once(':').unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/redis_py_cluster.py");
+    let out = Command::new(python())
+        .args([script, host, port, "", s(&pki.ca)])
+        .output()
+        .expect("python runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "redis-py over TLS failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for a in &tls_addrs {
+        assert!(text.contains(a), "redis-py did not find {a}: {text}");
     }
 }
 
@@ -341,4 +405,17 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     assert!(!out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(s(&cert)), "{err}");
+    // A proxy asked to serve RESP over TLS without a certificate says so.
+    let out = Command::new(bin_path("redmesh-proxy"))
+        .args(["--id", "p-1", "--tls-listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env_remove("REDMESH_TLS_CERT")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--tls-listen") && err.contains("--tls-cert"),
+        "{err}"
+    );
 }

@@ -168,6 +168,10 @@ struct RegisterArgs {
     /// host:port clients connect to.
     #[arg(long)]
     resp: String,
+    /// host:port of the proxy's RESP listener over TLS (its --tls-listen),
+    /// shown to clients connected over TLS.
+    #[arg(long)]
+    resp_tls: Option<String>,
     /// host:port of the proxy's admin gRPC server.
     #[arg(long)]
     admin: String,
@@ -476,7 +480,10 @@ fn print_proxies(proxies: &[v1::Proxy]) {
             state_name(p.state).to_owned(),
             p.cluster.clone(),
             s.host,
-            s.resp_address,
+            match s.resp_tls_address.as_str() {
+                "" => s.resp_address,
+                tls => format!("{} tls:{tls}", s.resp_address),
+            },
             s.admin_address,
             s.redis_nodes.join(","),
             p.epoch.to_string(),
@@ -660,6 +667,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             admin_address: a.admin,
                             host: a.host,
                             redis_nodes: a.redis,
+                            resp_tls_address: a.resp_tls.unwrap_or_default(),
                         }),
                     })
                     .await?

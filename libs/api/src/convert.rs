@@ -67,7 +67,11 @@ pub fn proxy_spec(spec: &v1::ProxySpec, prefix: &str) -> Result<ProxySpec, Model
         Address::parse_field(&field("redis_nodes"), n0)?,
         Address::parse_field(&field("redis_nodes"), n1)?,
     ];
-    ProxySpec::new(id, resp, admin, host, nodes)
+    let tls = match spec.resp_tls_address.as_str() {
+        "" => None,
+        a => Some(Address::parse_field(&field("resp_tls_address"), a)?),
+    };
+    ProxySpec::new(id, resp, admin, host, nodes)?.with_tls_address(tls)
 }
 
 fn field_path(prefix: &str, field: &str) -> String {
@@ -86,6 +90,11 @@ impl From<&ProxySpec> for v1::ProxySpec {
             admin_address: s.admin_address.to_string(),
             host: s.host.to_string(),
             redis_nodes: s.redis_nodes.iter().map(ToString::to_string).collect(),
+            resp_tls_address: s
+                .resp_tls_address
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         }
     }
 }
@@ -495,6 +504,7 @@ mod tests {
             admin_address: "127.0.0.1:7101".into(),
             host: "host-a".into(),
             redis_nodes: vec!["127.0.0.1:7201".into(), "127.0.0.1:7202".into()],
+            resp_tls_address: String::new(),
         }
     }
 
@@ -511,6 +521,28 @@ mod tests {
         let mut s = spec("p1");
         s.admin_address = s.resp_address.clone();
         assert!(proxy_spec(&s, "proxy").is_err());
+        let mut s = spec("p1");
+        s.resp_tls_address = "127.0.0.1:99999".into();
+        let e = proxy_spec(&s, "proxy").unwrap_err().to_string();
+        assert!(e.contains("proxy.resp_tls_address"), "{e}");
+        s.resp_tls_address = s.redis_nodes[1].clone();
+        let e = proxy_spec(&s, "proxy").unwrap_err().to_string();
+        assert!(e.contains("used twice"), "{e}");
+    }
+
+    #[test]
+    fn tls_address_round_trips_and_is_optional() {
+        let mut s = spec("p1");
+        let plain = proxy_spec(&s, "proxy").unwrap();
+        assert_eq!(plain.resp_tls_address, None);
+        assert_eq!(v1::ProxySpec::from(&plain), s);
+        s.resp_tls_address = "127.0.0.1:7601".into();
+        let tls = proxy_spec(&s, "proxy").unwrap();
+        assert_eq!(
+            tls.resp_tls_address.as_ref().map(|a| a.as_str()),
+            Some("127.0.0.1:7601")
+        );
+        assert_eq!(v1::ProxySpec::from(&tls), s);
     }
 
     #[test]

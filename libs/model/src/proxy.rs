@@ -41,6 +41,10 @@ pub struct ProxySpec {
     pub host: HostName,
     /// The two local Redis nodes.
     pub redis_nodes: [Address; 2],
+    /// Where clients connect over TLS, if the proxy listens for them
+    /// (advertised to TLS clients instead of `resp_address`). Set with
+    /// [`ProxySpec::with_tls_address`].
+    pub resp_tls_address: Option<Address>,
 }
 
 impl ProxySpec {
@@ -52,27 +56,51 @@ impl ProxySpec {
         host: HostName,
         redis_nodes: [Address; 2],
     ) -> Result<Self, ModelError> {
-        let all = [
-            &resp_address,
-            &admin_address,
-            &redis_nodes[0],
-            &redis_nodes[1],
-        ];
-        for (i, a) in all.iter().enumerate() {
-            if all[..i].contains(a) {
-                return Err(ModelError::invalid(
-                    "proxy",
-                    format!("address {a} is used twice; resp, admin and both Redis nodes need their own"),
-                ));
-            }
-        }
-        Ok(Self {
+        Self {
             id,
             resp_address,
             admin_address,
             host,
             redis_nodes,
-        })
+            resp_tls_address: None,
+        }
+        .checked()
+    }
+
+    /// The spec with a RESP-over-TLS listener at `addr` (or none), checked
+    /// like the other addresses.
+    pub fn with_tls_address(self, addr: Option<Address>) -> Result<Self, ModelError> {
+        Self {
+            resp_tls_address: addr,
+            ..self
+        }
+        .checked()
+    }
+
+    /// Every address the proxy listens on or owns: RESP, admin, both Redis
+    /// nodes, and RESP over TLS if it has one.
+    pub fn addresses(&self) -> impl Iterator<Item = &Address> {
+        [
+            &self.resp_address,
+            &self.admin_address,
+            &self.redis_nodes[0],
+            &self.redis_nodes[1],
+        ]
+        .into_iter()
+        .chain(self.resp_tls_address.as_ref())
+    }
+
+    fn checked(self) -> Result<Self, ModelError> {
+        let all: Vec<&Address> = self.addresses().collect();
+        for (i, a) in all.iter().enumerate() {
+            if all[..i].contains(a) {
+                return Err(ModelError::invalid(
+                    "proxy",
+                    format!("address {a} is used twice; resp, resp over TLS, admin and both Redis nodes need their own"),
+                ));
+            }
+        }
+        Ok(self)
     }
 }
 

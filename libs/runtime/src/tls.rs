@@ -101,6 +101,19 @@ pub struct TlsArgs {
     pub client_auth: bool,
 }
 
+/// Whether a TLS server asks its clients for certificates (as Redis's
+/// `tls-auth-clients`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ClientCerts {
+    /// Clients need no certificate.
+    #[default]
+    No,
+    /// A client may present one; if it does, it must be signed by --tls-ca.
+    Optional,
+    /// Every client must present a certificate signed by --tls-ca.
+    Yes,
+}
+
 /// What [`TlsArgs::install`] made this process's.
 #[derive(Debug, Clone)]
 struct Installed {
@@ -123,8 +136,18 @@ impl TlsArgs {
                 "--tls-client-auth needs --tls-cert and --tls-key: clients present them".into(),
             ));
         }
+        let clients = if self.client_auth {
+            ClientCerts::Yes
+        } else {
+            ClientCerts::No
+        };
         let server = match (&self.cert, &self.key) {
-            (Some(_), Some(_)) => Some(Arc::new(ServerState::load(self)?)),
+            // gRPC is HTTP/2 only.
+            (Some(_), Some(_)) => Some(Arc::new(ServerState::load(
+                self,
+                vec![b"h2".to_vec()],
+                clients,
+            )?)),
             _ => None,
         };
         if self.ca.is_some() {
@@ -192,6 +215,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// The server's rustls configuration, rebuilt when a file changes.
 struct ServerState {
     args: TlsArgs,
+    alpn: Vec<Vec<u8>>,
+    clients: ClientCerts,
     current: Mutex<(Vec<Option<SystemTime>>, TlsAcceptor)>,
 }
 
@@ -213,11 +238,13 @@ impl ServerState {
             .collect()
     }
 
-    fn load(args: &TlsArgs) -> Result<Self, TlsError> {
+    fn load(args: &TlsArgs, alpn: Vec<Vec<u8>>, clients: ClientCerts) -> Result<Self, TlsError> {
         let stamps = Self::stamps(args);
-        let acceptor = server_acceptor(args)?;
+        let acceptor = server_acceptor(args, &alpn, clients)?;
         Ok(Self {
             args: args.clone(),
+            alpn,
+            clients,
             current: Mutex::new((stamps, acceptor)),
         })
     }
@@ -227,7 +254,7 @@ impl ServerState {
         let stamps = Self::stamps(&self.args);
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if cur.0 != stamps {
-            match server_acceptor(&self.args) {
+            match server_acceptor(&self.args, &self.alpn, self.clients) {
                 Ok(a) => {
                     tracing::info!("TLS certificate files changed; new connections use them");
                     *cur = (stamps, a);
@@ -243,7 +270,11 @@ impl ServerState {
     }
 }
 
-fn server_acceptor(args: &TlsArgs) -> Result<TlsAcceptor, TlsError> {
+fn server_acceptor(
+    args: &TlsArgs,
+    alpn: &[Vec<u8>],
+    clients: ClientCerts,
+) -> Result<TlsAcceptor, TlsError> {
     let (Some(cert_path), Some(key_path)) = (&args.cert, &args.key) else {
         return Err(TlsError::Options(
             "a TLS server needs --tls-cert and --tls-key".into(),
@@ -254,18 +285,23 @@ fn server_acceptor(args: &TlsArgs) -> Result<TlsAcceptor, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Options(e.to_string()))?;
-    let builder = if args.client_auth {
-        let ca_path = args
-            .ca
-            .as_ref()
-            .ok_or_else(|| TlsError::Options("--tls-client-auth needs --tls-ca".into()))?;
+    let builder = if clients != ClientCerts::No {
+        let ca_path = args.ca.as_ref().ok_or_else(|| {
+            TlsError::Options("verifying client certificates needs --tls-ca".into())
+        })?;
         let mut roots = rustls::RootCertStore::empty();
         for c in certs("TLS CA", ca_path)? {
             roots
                 .add(c)
                 .map_err(|e| invalid("TLS CA", ca_path, e.to_string()))?;
         }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+        let verifier = if clients == ClientCerts::Optional {
+            verifier.allow_unauthenticated()
+        } else {
+            verifier
+        };
+        let verifier = verifier
             .build()
             .map_err(|e| invalid("TLS CA", ca_path, e.to_string()))?;
         builder.with_client_cert_verifier(verifier)
@@ -279,8 +315,7 @@ fn server_acceptor(args: &TlsArgs) -> Result<TlsAcceptor, TlsError> {
             format!("does not fit the certificate: {e}"),
         )
     })?;
-    // gRPC is HTTP/2 only.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.to_vec();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -333,6 +368,36 @@ pub fn endpoint(target: &str) -> Result<Endpoint, TlsError> {
         },
         None => Ok(endpoint),
     }
+}
+
+/// A TLS server of another protocol than gRPC (the proxies' RESP
+/// listener), on this process's certificate: it follows renewals like the
+/// gRPC server.
+#[derive(Debug, Clone)]
+pub struct TlsServer(Arc<ServerState>);
+
+impl TlsServer {
+    /// The acceptor for the next connection (rebuilt if a file changed).
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.0.acceptor()
+    }
+}
+
+/// A TLS server on the installed certificate and key, offering `alpn` (none:
+/// empty) and asking clients for certificates as `clients` says. Fails when
+/// no certificate is installed, naming what is missing.
+pub fn server(alpn: &[&[u8]], clients: ClientCerts) -> Result<TlsServer, TlsError> {
+    let Some(args) = INSTALLED
+        .get()
+        .map(|i| &i.args)
+        .filter(|a| a.cert.is_some())
+    else {
+        return Err(TlsError::Options(
+            "a TLS listener needs --tls-cert and --tls-key".into(),
+        ));
+    };
+    let alpn = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(TlsServer(Arc::new(ServerState::load(args, alpn, clients)?)))
 }
 
 /// TLS connections accepted by [`incoming`].

@@ -341,29 +341,13 @@ impl Ops {
 /// Two proxies sharing a Redis node would have two clusters writing one
 /// server; refuse any address another proxy already uses.
 fn check_addresses_unused(snap: &Snapshot, spec: &ProxySpec) -> Result<(), ModelError> {
-    let mine: HashSet<&str> = [
-        &spec.resp_address,
-        &spec.admin_address,
-        &spec.redis_nodes[0],
-        &spec.redis_nodes[1],
-    ]
-    .into_iter()
-    .map(|a| a.as_str())
-    .collect();
+    let mine: HashSet<&str> = spec.addresses().map(|a| a.as_str()).collect();
     for other in snap.proxies.values().filter(|p| p.id() != &spec.id) {
-        let s = &other.spec;
-        for a in [
-            &s.resp_address,
-            &s.admin_address,
-            &s.redis_nodes[0],
-            &s.redis_nodes[1],
-        ] {
-            if mine.contains(a.as_str()) {
-                return Err(ModelError::FailedPrecondition(format!(
-                    "address {a} is already used by proxy {}",
-                    other.id()
-                )));
-            }
+        if let Some(a) = other.spec.addresses().find(|a| mine.contains(a.as_str())) {
+            return Err(ModelError::FailedPrecondition(format!(
+                "address {a} is already used by proxy {}",
+                other.id()
+            )));
         }
     }
     Ok(())

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use redmesh_model::{ProxyId, ProxyView};
 use redmesh_resp::Limits;
+use redmesh_runtime::tls::{ClientCerts, TlsServer};
 use redmesh_runtime::{grpc, CancellationToken, TelemetryArgs};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -55,6 +56,19 @@ pub struct Config {
     /// nothing of clusters.
     #[arg(long, env = "REDMESH_PROXY_PLAIN_LISTEN")]
     pub plain_listen: Option<String>,
+    /// Optional RESP listener over TLS (`redis-cli --tls`), serving as
+    /// --listen does, with --tls-cert and --tls-key (a renewed certificate
+    /// is used from the next connection on). Register it as the proxy's
+    /// resp_tls_address: clients connected over TLS are then shown every
+    /// proxy's TLS address in redirections and CLUSTER SLOTS/NODES/SHARDS.
+    #[arg(long, env = "REDMESH_PROXY_TLS_LISTEN")]
+    pub tls_listen: Option<String>,
+    /// Client certificates on the TLS listener, as Redis's tls-auth-clients:
+    /// `no`, `optional` (verified if presented) or `yes` (required), signed
+    /// by --tls-ca. Unlike Redis the default is `no`: clients prove who
+    /// they are with the cluster password.
+    #[arg(long, env = "REDMESH_PROXY_TLS_AUTH_CLIENTS", value_enum, default_value_t = ClientCerts::No, hide_possible_values = true)]
+    pub tls_auth_clients: ClientCerts,
     /// ProxyAdmin gRPC listen address.
     #[arg(
         long,
@@ -142,6 +156,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ),
         None => None,
     };
+    let tls_listener = match &config.tls_listen {
+        Some(addr) => {
+            let server = redmesh_runtime::tls::server(&[], config.tls_auth_clients)
+                .context("cannot serve RESP over TLS (--tls-listen)")?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for TLS clients on {addr}"))?;
+            Some((l, server))
+        }
+        None => None,
+    };
     let admin_listener = grpc::bind(&config.admin_listen).await?;
     let feed = topology::spawn(
         config.brokers.clone(),
@@ -214,6 +239,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let accepts = TaskTracker::new();
     accepts.spawn(accept_loop(
         listener,
+        None,
         session::ListenerMode::Configured,
         shared.clone(),
         sessions.clone(),
@@ -223,7 +249,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tracing::info!(listen = ?config.plain_listen, "plain-client listener serving");
         accepts.spawn(accept_loop(
             l,
+            None,
             session::ListenerMode::Plain,
+            shared.clone(),
+            sessions.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some((l, server)) = tls_listener {
+        tracing::info!(listen = ?config.tls_listen, clients = ?config.tls_auth_clients, "TLS listener serving");
+        accepts.spawn(accept_loop(
+            l,
+            Some(server),
+            session::ListenerMode::Configured,
             shared.clone(),
             sessions.clone(),
             shutdown.clone(),
@@ -243,9 +281,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// Accepts clients until `shutdown`; each session is tracked for draining.
+/// Longest a client may take over its TLS handshake (it holds a
+/// connection slot meanwhile).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts clients until `shutdown` (over TLS with `tls`); each session is
+/// tracked for draining.
 async fn accept_loop(
     listener: tokio::net::TcpListener,
+    tls: Option<TlsServer>,
     mode: session::ListenerMode,
     shared: Arc<session::Shared>,
     sessions: TaskTracker,
@@ -269,9 +313,28 @@ async fn accept_loop(
                     }
                     let shared = shared.clone();
                     let stop = shutdown.clone();
+                    // Taken now, so a renewal applies from the next client.
+                    let acceptor = tls.as_ref().map(TlsServer::acceptor);
                     sessions.spawn(async move {
                         metrics::gauge!("redmesh_proxy_client_connections").increment(1.0);
-                        session::serve(stream, mode, shared.clone(), stop).await;
+                        match acceptor {
+                            None => session::serve(stream, mode, shared.clone(), stop).await,
+                            Some(acceptor) => {
+                                let _ = stream.set_nodelay(true);
+                                let ends = session::Endpoints::of(&stream);
+                                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                                    Ok(Ok(tls)) => session::serve_tls(tls, ends, mode, shared.clone(), stop).await,
+                                    Ok(Err(e)) => {
+                                        metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
+                                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    }
+                                    Err(_) => {
+                                        metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
+                                        tracing::debug!(%peer, "TLS handshake timed out");
+                                    }
+                                }
+                            }
+                        }
                         shared.clients.fetch_sub(1, Ordering::Relaxed);
                         metrics::gauge!("redmesh_proxy_client_connections").decrement(1.0);
                     });
@@ -285,6 +348,9 @@ async fn accept_loop(
         }
     }
 }
+
+/// Clients whose TLS handshake failed or timed out.
+const TLS_HANDSHAKE_FAILURES: &str = "redmesh_proxy_tls_handshake_failures_total";
 
 /// `None` for a zero duration (the flags' "off").
 fn nonzero(d: Duration) -> Option<Duration> {
@@ -435,6 +501,7 @@ async fn report_freshness(feed: topology::TopologyFeed, shutdown: CancellationTo
         metrics::counter!("redmesh_proxy_backend_errors_total", "kind" => kind).increment(0);
     }
     metrics::counter!("redmesh_proxy_replica_ack_failures_total").increment(0);
+    metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(0);
     for reason in ["max_clients", "idle", "request_timeout"] {
         metrics::counter!(session::CLIENTS_REJECTED, "reason" => reason).increment(0);
     }

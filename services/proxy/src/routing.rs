@@ -93,8 +93,33 @@ pub struct Peer {
     pub node_id: String,
     /// RESP address clients connect to.
     pub addr: Address,
+    /// RESP-over-TLS address, if it listens for TLS clients.
+    pub tls_addr: Option<Address>,
     /// Connections to it as a peer (None for this proxy itself).
     pub link: Option<Link>,
+}
+
+impl Peer {
+    /// The address a client sees: over TLS, the TLS listener's (a proxy
+    /// without one is shown at its plaintext address, which is all it has).
+    pub fn client_addr(&self, tls: bool) -> &Address {
+        match &self.tls_addr {
+            Some(a) if tls => a,
+            _ => &self.addr,
+        }
+    }
+}
+
+/// `CLUSTER NODES`, `SLOTS` and `SHARDS` as one kind of client (plaintext
+/// or TLS) sees them.
+#[derive(Debug, Clone)]
+pub struct ClusterReplies {
+    /// `CLUSTER NODES` text.
+    pub nodes: Bytes,
+    /// `CLUSTER SLOTS` reply.
+    pub slots: Frame,
+    /// `CLUSTER SHARDS` reply.
+    pub shards: Frame,
 }
 
 /// Everything needed to serve a cluster.
@@ -134,12 +159,8 @@ pub struct Serving {
     /// Local node carrying this proxy's cluster-wide pub/sub: the first
     /// local master. Every proxy computes every proxy's choice the same way.
     pub pubsub_node: Option<u8>,
-    /// `CLUSTER NODES` text.
-    pub cluster_nodes: Bytes,
-    /// `CLUSTER SLOTS` reply.
-    pub cluster_slots: Frame,
-    /// `CLUSTER SHARDS` reply.
-    pub cluster_shards: Frame,
+    /// The topology replies for plaintext clients, then for TLS clients.
+    pub cluster_replies: [ClusterReplies; 2],
     /// `CLUSTER INFO` text.
     pub cluster_info: Bytes,
 }
@@ -151,6 +172,11 @@ impl Serving {
             Target::Local(n) => self.nodes.get(usize::from(n)),
             Target::Peer(i) => self.peers.get(usize::from(i)).and_then(|p| p.link.as_ref()),
         }
+    }
+
+    /// The topology replies a plaintext or TLS client sees.
+    pub fn cluster_replies(&self, tls: bool) -> &ClusterReplies {
+        &self.cluster_replies[usize::from(tls)]
     }
 
     /// The entry of `slot`.
@@ -280,6 +306,7 @@ fn build_serving(
             id: p.id().clone(),
             node_id: node_id(p.id()),
             addr: p.spec.resp_address.clone(),
+            tls_addr: p.spec.resp_tls_address.clone(),
             link: (p.id() != me)
                 .then(|| links.peer(p.spec.resp_address.as_str(), &cluster.peer_secret)),
         })
@@ -412,9 +439,11 @@ fn build_serving(
         .filter_map(|(start, end, o)| Some((SlotRange::new(start as u32, end as u32).ok()?, o)))
         .collect();
     let epoch = view.epoch();
-    let cluster_nodes = render_nodes(&peers, my_index, &ranges, epoch);
-    let cluster_slots = render_slots(&peers, &ranges);
-    let cluster_shards = render_shards(&peers, &ranges);
+    let cluster_replies = [false, true].map(|tls| ClusterReplies {
+        nodes: render_nodes(&peers, my_index, &ranges, epoch, tls),
+        slots: render_slots(&peers, &ranges, tls),
+        shards: render_shards(&peers, &ranges, tls),
+    });
     let assigned: usize = ranges.iter().map(|(r, _)| r.len()).sum();
     let size = {
         let mut owners: Vec<usize> = ranges.iter().map(|(_, o)| *o).collect();
@@ -452,9 +481,7 @@ fn build_serving(
         node_ready,
         local_masters,
         pubsub_node,
-        cluster_nodes,
-        cluster_slots,
-        cluster_shards,
+        cluster_replies,
         cluster_info,
     })
 }
@@ -470,16 +497,17 @@ type Ranges = [(SlotRange, usize)];
 /// `CLUSTER NODES`: one line per proxy, every proxy a master, the cluster
 /// bus port shown as the Redis convention port + 10000 (no bus exists;
 /// clients never connect to it).
-fn render_nodes(peers: &[Peer], me: usize, ranges: &Ranges, epoch: u64) -> Bytes {
+fn render_nodes(peers: &[Peer], me: usize, ranges: &Ranges, epoch: u64, tls: bool) -> Bytes {
     let mut out = String::new();
     let pong = now_ms();
     for (i, p) in peers.iter().enumerate() {
         let flags = if i == me { "myself,master" } else { "master" };
         let pong = if i == me { 0 } else { pong };
-        let cport = u32::from(p.addr.port()) + 10000;
+        let addr = p.client_addr(tls);
+        let cport = u32::from(addr.port()) + 10000;
         out.push_str(&format!(
-            "{} {}@{cport} {flags} - 0 {pong} {epoch} connected",
-            p.node_id, p.addr
+            "{} {addr}@{cport} {flags} - 0 {pong} {epoch} connected",
+            p.node_id
         ));
         for (r, _) in ranges.iter().filter(|(_, o)| *o == i) {
             out.push(' ');
@@ -490,10 +518,11 @@ fn render_nodes(peers: &[Peer], me: usize, ranges: &Ranges, epoch: u64) -> Bytes
     Bytes::from(out)
 }
 
-fn node_entry(p: &Peer) -> Frame {
+fn node_entry(p: &Peer, tls: bool) -> Frame {
+    let addr = p.client_addr(tls);
     Frame::Array(vec![
-        Frame::bulk(p.addr.host().to_owned()),
-        Frame::Integer(i64::from(p.addr.port())),
+        Frame::bulk(addr.host().to_owned()),
+        Frame::Integer(i64::from(addr.port())),
         Frame::bulk(p.node_id.clone()),
         Frame::Map(Vec::new()),
     ])
@@ -501,7 +530,7 @@ fn node_entry(p: &Peer) -> Frame {
 
 /// `CLUSTER SLOTS`: `[start, end, master]` per range, each node
 /// `[ip, port, id, {}]`.
-fn render_slots(peers: &[Peer], ranges: &Ranges) -> Frame {
+fn render_slots(peers: &[Peer], ranges: &Ranges, tls: bool) -> Frame {
     Frame::Array(
         ranges
             .iter()
@@ -509,7 +538,7 @@ fn render_slots(peers: &[Peer], ranges: &Ranges) -> Frame {
                 Frame::Array(vec![
                     Frame::Integer(i64::from(r.start())),
                     Frame::Integer(i64::from(r.end())),
-                    node_entry(&peers[*o]),
+                    node_entry(&peers[*o], tls),
                 ])
             })
             .collect(),
@@ -518,7 +547,7 @@ fn render_slots(peers: &[Peer], ranges: &Ranges) -> Frame {
 
 /// `CLUSTER SHARDS`: one shard per proxy with its slot ranges and itself as
 /// the only (master) node.
-fn render_shards(peers: &[Peer], ranges: &Ranges) -> Frame {
+fn render_shards(peers: &[Peer], ranges: &Ranges, tls: bool) -> Frame {
     Frame::Array(
         peers
             .iter()
@@ -534,24 +563,28 @@ fn render_shards(peers: &[Peer], ranges: &Ranges) -> Frame {
                         ]
                     })
                     .collect();
-                let node = Frame::Map(vec![
+                // As Redis 7: `port` and, with a TLS listener, `tls-port`.
+                let host = p.client_addr(tls).host().to_owned();
+                let mut node = vec![
                     (Frame::bulk("id"), Frame::bulk(p.node_id.clone())),
                     (
                         Frame::bulk("port"),
                         Frame::Integer(i64::from(p.addr.port())),
                     ),
-                    (Frame::bulk("ip"), Frame::bulk(p.addr.host().to_owned())),
-                    (
-                        Frame::bulk("endpoint"),
-                        Frame::bulk(p.addr.host().to_owned()),
-                    ),
+                ];
+                if let Some(t) = &p.tls_addr {
+                    node.push((Frame::bulk("tls-port"), Frame::Integer(i64::from(t.port()))));
+                }
+                node.extend([
+                    (Frame::bulk("ip"), Frame::bulk(host.clone())),
+                    (Frame::bulk("endpoint"), Frame::bulk(host)),
                     (Frame::bulk("role"), Frame::bulk("master")),
                     (Frame::bulk("replication-offset"), Frame::Integer(0)),
                     (Frame::bulk("health"), Frame::bulk("online")),
                 ]);
                 Frame::Map(vec![
                     (Frame::bulk("slots"), Frame::Array(slots)),
-                    (Frame::bulk("nodes"), Frame::Array(vec![node])),
+                    (Frame::bulk("nodes"), Frame::Array(vec![Frame::Map(node)])),
                 ])
             })
             .collect(),

@@ -333,7 +333,13 @@ fn client_info_line(s: &Session) -> String {
 }
 
 /// CLUSTER subcommands answered from the route table.
-pub(super) fn cluster_local(shared: &Shared, table: &RouteTable, args: &[Bytes]) -> Option<Frame> {
+/// `tls`: the client is connected over TLS, so it is shown TLS addresses.
+pub(super) fn cluster_local(
+    shared: &Shared,
+    table: &RouteTable,
+    tls: bool,
+    args: &[Bytes],
+) -> Option<Frame> {
     let sub = args.get(1).map(|a| lower(a)).unwrap_or_default();
     let serving = table.serving.as_ref();
     Some(match sub.as_str() {
@@ -347,11 +353,14 @@ pub(super) fn cluster_local(shared: &Shared, table: &RouteTable, args: &[Bytes])
             ),
         },
         "nodes" | "slots" | "shards" => match serving {
-            Ok(c) => match sub.as_str() {
-                "nodes" => Frame::Verbatim(Bytes::from_static(b"txt"), c.cluster_nodes.clone()),
-                "slots" => c.cluster_slots.clone(),
-                _ => c.cluster_shards.clone(),
-            },
+            Ok(c) => {
+                let r = c.cluster_replies(tls);
+                match sub.as_str() {
+                    "nodes" => Frame::Verbatim(Bytes::from_static(b"txt"), r.nodes.clone()),
+                    "slots" => r.slots.clone(),
+                    _ => r.shards.clone(),
+                }
+            }
             Err(reason) => err(format!("CLUSTERDOWN {reason}")),
         },
         "help" => Frame::Array(

@@ -25,7 +25,7 @@ use bytes::{Bytes, BytesMut};
 use redmesh_model::ProxyId;
 use redmesh_resp::{Frame, Limits, Protocol, Request, RequestDecoder};
 use redmesh_runtime::CancellationToken;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
@@ -158,6 +158,8 @@ pub(crate) struct Session {
     pub local_addr: String,
     pub created: Instant,
     pub listener: ListenerMode,
+    /// Connected over TLS: peers are shown at their TLS addresses.
+    pub tls: bool,
     pub authenticated: bool,
     /// Authenticated as a peer proxy: cluster semantics always, PUBLISH
     /// stays local.
@@ -236,8 +238,29 @@ struct Slot {
     span: Option<tracing::Span>,
 }
 
-/// Serves one client until it quits, errs, or `shutdown` (after which the
-/// replies already owed are still delivered).
+/// Where a client connection comes from and goes to, for CLIENT INFO.
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints {
+    /// The client's address.
+    pub peer: String,
+    /// The proxy's address it connected to.
+    pub local: String,
+}
+
+impl Endpoints {
+    /// Both ends of `stream` (empty where the OS cannot tell).
+    pub fn of(stream: &TcpStream) -> Self {
+        let text =
+            |a: std::io::Result<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+        Self {
+            peer: text(stream.peer_addr()),
+            local: text(stream.local_addr()),
+        }
+    }
+}
+
+/// Serves one plaintext client until it quits, errs, or `shutdown` (after
+/// which the replies already owed are still delivered).
 pub async fn serve(
     stream: TcpStream,
     listener: ListenerMode,
@@ -245,22 +268,46 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let peer_addr = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let local_addr = stream
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let (mut rd, mut wr) = stream.into_split();
+    let ends = Endpoints::of(&stream);
+    // Owned halves: no lock between reading and writing on the hot path.
+    let (rd, wr) = stream.into_split();
+    serve_io(rd, wr, ends, false, listener, shared, shutdown).await;
+}
+
+/// Serves one client connected over TLS (handshake done), as [`serve`].
+pub async fn serve_tls<S>(
+    stream: S,
+    ends: Endpoints,
+    listener: ListenerMode,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    serve_io(rd, wr, ends, true, listener, shared, shutdown).await;
+}
+
+async fn serve_io<R, W>(
+    mut rd: R,
+    mut wr: W,
+    ends: Endpoints,
+    tls: bool,
+    listener: ListenerMode,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let (push_tx, mut push_rx) = mpsc::channel::<Bytes>(1024);
     let mut s = Session {
         id: shared.next_client_id.fetch_add(1, Ordering::Relaxed),
-        peer_addr,
-        local_addr,
+        peer_addr: ends.peer,
+        local_addr: ends.local,
         created: Instant::now(),
         listener,
+        tls,
         authenticated: false,
         peer: false,
         protocol: Protocol::Resp2,
@@ -321,7 +368,8 @@ pub async fn serve(
         }
         if !out.is_empty() {
             active_at = Instant::now();
-            if wr.write_all(&out).await.is_err() {
+            // flush: a no-op on TCP, and pushes out a TLS record.
+            if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
                 break;
             }
             metrics::counter!(tally::BYTES_OUT).increment(out.len() as u64);
@@ -443,7 +491,7 @@ pub async fn serve(
                 // An empty message means a subscription connection died:
                 // close, as a Redis node would, so the client resubscribes.
                 Some(m) if !m.is_empty() => {
-                    if wr.write_all(&m).await.is_err() {
+                    if wr.write_all(&m).await.is_err() || wr.flush().await.is_err() {
                         break;
                     }
                     metrics::counter!(tally::BYTES_OUT).increment(m.len() as u64);

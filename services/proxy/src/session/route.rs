@@ -110,7 +110,7 @@ pub(super) fn target_for_slot(
             } else {
                 Err(err(format!(
                     "MOVED {slot} {}",
-                    c.peers[usize::from(i)].addr
+                    c.peers[usize::from(i)].client_addr(s.tls)
                 )))
             }
         }
@@ -147,6 +147,8 @@ struct SlotWatch {
     tables: watch::Receiver<Arc<RouteTable>>,
     /// A plain client cannot follow `-MOVED`; it gets `-TRYAGAIN`.
     plain: bool,
+    /// The client is on TLS: `-MOVED` names TLS addresses.
+    tls: bool,
 }
 
 impl SlotWatch {
@@ -163,7 +165,7 @@ impl SlotWatch {
                         return err(format!(
                             "MOVED {} {}",
                             self.slot,
-                            c.peers[usize::from(i)].addr
+                            c.peers[usize::from(i)].client_addr(self.tls)
                         ))
                     }
                     _ => {
@@ -350,6 +352,7 @@ pub(super) fn data(
             node,
             tables: shared.table.clone(),
             plain: s.plain(c),
+            tls: s.tls,
         }),
         _ => None,
     };
@@ -380,6 +383,7 @@ pub(super) fn data(
                     dst,
                     keys,
                     plain,
+                    tls: s.tls,
                     may_block,
                 },
                 exec,
@@ -405,6 +409,8 @@ struct Moving {
     keys: Vec<Bytes>,
     /// Forward instead of redirecting.
     plain: bool,
+    /// The client is on TLS: `-ASK` names a TLS address.
+    tls: bool,
     /// A stream read with BLOCK: it may wait for new entries even though
     /// its keys exist (list and sorted-set pops on existing keys return at
     /// once).
@@ -476,7 +482,7 @@ fn migrating(locks: Arc<KeyLocks>, table: Arc<RouteTable>, m: Moving, exec: Exec
         err(format!(
             "ASK {} {}",
             m.slot,
-            c.peers[usize::from(m.dst)].addr
+            c.peers[usize::from(m.dst)].client_addr(m.tls)
         ))
         .to_bytes(proto)
     })
@@ -1014,6 +1020,7 @@ fn split(
                         dst,
                         keys,
                         plain: true,
+                        tls: false,
                         may_block: false,
                     },
                     Exec {
@@ -1078,7 +1085,7 @@ pub(super) fn cluster(
     s: &mut Session,
     args: &[Bytes],
 ) -> Dispatch {
-    if let Some(f) = cluster_local(shared, table, args) {
+    if let Some(f) = cluster_local(shared, table, s.tls, args) {
         return ready(f, s);
     }
     let count_only = lower(&args[1]) == "countkeysinslot";
