@@ -128,12 +128,26 @@ pub fn bin_path(name: &str) -> PathBuf {
 
 /// A single-node etcd on free ports with its data in a temp dir.
 pub struct Etcd {
-    /// Client URL, `http://127.0.0.1:PORT`.
+    /// Client URL, `http://127.0.0.1:PORT` (`https://` with TLS).
     pub endpoint: String,
     client: u16,
     peer: u16,
+    tls: Option<EtcdTls>,
     child: Child,
     dir: tempfile::TempDir,
+}
+
+/// TLS for a test etcd: it serves `cert` and requires client
+/// certificates signed by `ca` (`--client-cert-auth`); `etcdctl` calls
+/// present `cert` as theirs.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// Certificate chain (good for serving and as a client).
+    pub cert: std::path::PathBuf,
+    /// Its key.
+    pub key: std::path::PathBuf,
+    /// The CA.
+    pub ca: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -147,23 +161,80 @@ impl std::fmt::Debug for Etcd {
 impl Etcd {
     /// Starts etcd and waits until it reports healthy.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts etcd serving clients over mutual TLS.
+    pub fn start_tls(tls: EtcdTls) -> Self {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<EtcdTls>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
-        let child = Self::spawn(dir.path(), client, peer);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
+        let child = Self::spawn(dir.path(), client, peer, tls.as_ref());
         Self {
             endpoint,
             client,
             peer,
+            tls,
             child,
             dir,
         }
     }
 
+    /// Runs `etcdctl` against this etcd (with the TLS identity, if any).
+    pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoint, "--dial-timeout", "2s"]);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.cert)
+                .arg("--key")
+                .arg(&t.key);
+        }
+        cmd.args(args).output().expect("etcdctl runs")
+    }
+
+    /// Turns on etcd authentication: a `root` user, and `user` allowed to
+    /// read and write keys under `prefix` only.
+    pub fn enable_auth(&self, user: &str, password: &str, prefix: &str) {
+        let end = prefix_end(prefix);
+        for args in [
+            vec!["user", "add", "root", "--new-user-password", "root-secret"],
+            vec!["user", "grant-role", "root", "root"],
+            vec!["role", "add", "redmesh"],
+            vec![
+                "role",
+                "grant-permission",
+                "redmesh",
+                "readwrite",
+                prefix,
+                &end,
+            ],
+            vec!["user", "add", user, "--new-user-password", password],
+            vec!["user", "grant-role", user, "redmesh"],
+            vec!["auth", "enable"],
+        ] {
+            let out = self.etcdctl(&args);
+            assert!(
+                out.status.success(),
+                "etcdctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// Runs etcd on `client`/`peer` with its data under `dir` (kept across
     /// restarts) and waits until it reports healthy.
-    fn spawn(dir: &std::path::Path, client: u16, peer: u16) -> Child {
-        let endpoint = format!("http://127.0.0.1:{client}");
+    fn spawn(dir: &std::path::Path, client: u16, peer: u16, tls: Option<&EtcdTls>) -> Child {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let mut cmd = Command::new("etcd");
         cmd.args(["--name", "n1", "--data-dir"])
@@ -194,13 +265,41 @@ impl Etcd {
                 "--log-level",
                 "warn",
             ]);
+        if let Some(t) = tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
         let mut child = Child::spawn("etcd", cmd, &dir.join("etcd.log"));
         let addr = format!("127.0.0.1:{client}");
         wait_until("etcd", Duration::from_secs(20), || {
             assert!(!child.exited(), "etcd exited:\n{}", child.log_tail());
-            raw_exchange(&addr, b"GET /health HTTP/1.0\r\n\r\n")
-                .map(|r| String::from_utf8_lossy(&r).contains("\"health\":\"true\""))
-                .unwrap_or(false)
+            match tls {
+                // The health endpoint wants a client certificate: ask the
+                // way clients do, once the port is open.
+                Some(t) => {
+                    std::net::TcpStream::connect(&addr).is_ok()
+                        && Command::new("etcdctl")
+                            .env("ETCDCTL_API", "3")
+                            .args(["--endpoints", &endpoint, "--dial-timeout", "1s"])
+                            .arg("--cacert")
+                            .arg(&t.ca)
+                            .arg("--cert")
+                            .arg(&t.cert)
+                            .arg("--key")
+                            .arg(&t.key)
+                            .args(["endpoint", "health"])
+                            .output()
+                            .is_ok_and(|o| o.status.success())
+                }
+                None => raw_exchange(&addr, b"GET /health HTTP/1.0\r\n\r\n")
+                    .map(|r| String::from_utf8_lossy(&r).contains("\"health\":\"true\""))
+                    .unwrap_or(false),
+            }
         });
         child
     }
@@ -209,7 +308,7 @@ impl Etcd {
     /// restart as operators see it).
     pub fn restart(&mut self) {
         self.child.kill();
-        self.child = Self::spawn(self.dir.path(), self.client, self.peer);
+        self.child = Self::spawn(self.dir.path(), self.client, self.peer, self.tls.as_ref());
     }
 
     /// Kills etcd (SIGKILL).
@@ -314,4 +413,14 @@ pub fn python() -> String {
         );
         venv.to_owned()
     })
+}
+
+/// The key just past every key starting with `prefix` (etcd's range end
+/// for a prefix).
+fn prefix_end(prefix: &str) -> String {
+    let mut bytes = prefix.as_bytes().to_vec();
+    if let Some(last) = bytes.last_mut() {
+        *last += 1;
+    }
+    String::from_utf8(bytes).expect("an ASCII prefix")
 }

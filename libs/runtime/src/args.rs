@@ -1,10 +1,11 @@
 //! Command-line arguments (with environment overrides) common to services.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redmesh_store::{EtcdOptions, EtcdStore, Keys, MetaStore, StoreError};
+use redmesh_store::{EtcdOptions, EtcdStore, EtcdTls, Keys, MetaStore, StoreError};
 use redmesh_telemetry::{LogFormat, TelemetryError};
 
 /// Where the metadata lives.
@@ -39,6 +40,21 @@ pub struct EtcdArgs {
         requires = "user"
     )]
     pub password: Option<String>,
+    /// PEM CA bundle to verify etcd's certificate: etcd is then reached
+    /// over TLS (https), whatever scheme --etcd names.
+    #[arg(long = "etcd-ca", env = "REDMESH_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd's --client-cert-auth (with
+    /// --etcd-key and --etcd-ca).
+    #[arg(
+        long = "etcd-cert",
+        env = "REDMESH_ETCD_CERT",
+        requires_all = ["etcd_key", "etcd_ca"]
+    )]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long = "etcd-key", env = "REDMESH_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 impl EtcdArgs {
@@ -48,6 +64,10 @@ impl EtcdArgs {
             request_timeout: self.timeout,
             connect_timeout: self.timeout.min(Duration::from_secs(2)),
             user: self.user.clone().zip(self.password.clone()),
+            tls: self.etcd_ca.clone().map(|ca| EtcdTls {
+                ca,
+                identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+            }),
         };
         Ok(Arc::new(EtcdStore::connect(&self.endpoints, &opts).await?))
     }

@@ -6,15 +6,16 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
-    Client, Compare as ECompare, CompareOp as ECompareOp, ConnectOptions, EventType, GetOptions,
-    LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn as ETxn, TxnOp as ETxnOp, TxnOpResponse,
-    WatchOptions,
+    Certificate, Client, Compare as ECompare, CompareOp as ECompareOp, ConnectOptions, EventType,
+    GetOptions, Identity, LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn as ETxn,
+    TxnOp as ETxnOp, TxnOpResponse, WatchOptions,
 };
 use futures::StreamExt;
 use tokio::sync::Mutex;
@@ -34,6 +35,8 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// Optional user name and password (etcd auth).
     pub user: Option<(String, String)>,
+    /// TLS to etcd: endpoints are reached over https.
+    pub tls: Option<EtcdTls>,
 }
 
 impl Default for EtcdOptions {
@@ -42,8 +45,60 @@ impl Default for EtcdOptions {
             request_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(2),
             user: None,
+            tls: None,
         }
     }
+}
+
+/// PEM files for TLS to etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// CA bundle etcd's certificate is verified against.
+    pub ca: PathBuf,
+    /// Client certificate chain and key, when etcd requires them
+    /// (`--client-cert-auth`).
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTls {
+    fn options(&self) -> Result<TlsOptions, StoreError> {
+        let read = |what: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| {
+                StoreError::Rejected(format!("cannot read etcd TLS {what} {}: {e}", p.display()))
+            })
+        };
+        let mut tls =
+            TlsOptions::new().ca_certificate(Certificate::from_pem(read("CA", &self.ca)?));
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(Identity::from_pem(
+                read("certificate", cert)?,
+                read("key", key)?,
+            ));
+        }
+        Ok(tls)
+    }
+}
+
+/// The endpoints as etcd-client needs them: https with TLS (whatever
+/// scheme was written, as for gRPC URLs), and an https endpoint without a
+/// CA refused, since nothing could verify it.
+fn endpoint_urls(endpoints: &[String], tls: bool) -> Result<Vec<String>, StoreError> {
+    endpoints
+        .iter()
+        .map(|e| {
+            let bare = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"));
+            match (bare, tls) {
+                (Some(b), true) => Ok(format!("https://{b}")),
+                (None, true) => Ok(format!("https://{e}")),
+                (_, false) if e.starts_with("https://") => Err(StoreError::Rejected(format!(
+                    "etcd endpoint {e} is https: give the CA to trust with --etcd-ca"
+                ))),
+                (_, false) => Ok(e.clone()),
+            }
+        })
+        .collect()
 }
 
 type Keeper = Arc<Mutex<(LeaseKeeper, LeaseKeepAliveStream)>>;
@@ -65,27 +120,54 @@ impl std::fmt::Debug for EtcdStore {
 }
 
 impl EtcdStore {
-    /// Prepares a client for `endpoints` (`http://host:port` or `host:port`).
-    /// Connecting is lazy: this succeeds while etcd is down and requests
-    /// fail with `Unavailable` until it is up.
+    /// Prepares a client for `endpoints` (`http://host:port`,
+    /// `https://host:port` or `host:port`). Connecting is lazy: this
+    /// succeeds while etcd is down and requests fail with `Unavailable`
+    /// until it is up. With a user, etcd's answer to the password is
+    /// awaited if etcd answers at all, so a wrong one fails here, naming
+    /// the user; while etcd is down it is retried in the background.
     pub async fn connect(endpoints: &[String], opts: &EtcdOptions) -> Result<Self, StoreError> {
         if endpoints.is_empty() {
             return Err(StoreError::Rejected("no etcd endpoints configured".into()));
         }
+        let urls = endpoint_urls(endpoints, opts.tls.is_some())?;
         let mut o = ConnectOptions::new()
             .with_timeout(opts.request_timeout)
             .with_connect_timeout(opts.connect_timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
-            .with_keep_alive_while_idle(true);
-        if let Some((user, pass)) = &opts.user {
-            o = o.with_user(user, pass);
+            .with_keep_alive_while_idle(true)
+            // etcd's simple tokens expire after 5 idle minutes.
+            .with_auto_token_refresh(true);
+        if let Some(tls) = &opts.tls {
+            o = o.with_tls(tls.options()?);
         }
-        let client = Client::connect(endpoints, Some(o))
-            .await
-            .map_err(|e| map_err(&e, endpoints, None))?;
+        let client = match &opts.user {
+            None => Client::connect(&urls, Some(o)).await,
+            Some((user, pass)) => {
+                match Client::connect(&urls, Some(o.clone().with_user(user, pass))).await {
+                    Err(e) if matches!(map_err(&e, &urls, None), StoreError::Unavailable(_)) => {
+                        tracing::warn!(error = %e, user, "etcd unreachable; authenticating once it answers");
+                        let client = Client::connect(&urls, Some(o))
+                            .await
+                            .map_err(|e| map_err(&e, &urls, None))?;
+                        tokio::spawn(authenticate(client.clone(), user.clone(), pass.clone()));
+                        Ok(client)
+                    }
+                    Err(e) => {
+                        return Err(StoreError::Rejected(format!(
+                            "etcd at {} refused user {user:?}: {}",
+                            urls.join(","),
+                            auth_message(&e)
+                        )))
+                    }
+                    ok => ok,
+                }
+            }
+        }
+        .map_err(|e| map_err(&e, &urls, None))?;
         Ok(Self {
             client,
-            endpoints: Arc::new(endpoints.to_vec()),
+            endpoints: Arc::new(urls),
             keepers: Arc::default(),
         })
     }
@@ -96,6 +178,34 @@ impl EtcdStore {
 
     fn lease_err(&self, e: etcd_client::Error, lease: Option<LeaseId>) -> StoreError {
         map_err(&e, &self.endpoints, lease)
+    }
+}
+
+/// Logs in as `user` once etcd answers (a connection made while it was
+/// down), retrying with backoff; until then requests go unauthenticated and
+/// etcd refuses them.
+async fn authenticate(mut client: Client, user: String, pass: String) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match client.update_user(Some((user.clone(), pass.clone()))).await {
+            Ok(()) => {
+                tracing::info!(user, "authenticated to etcd");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(user, error = %auth_message(&e), "etcd authentication failed; retrying");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// etcd's reason for refusing a login, without the gRPC wrapping.
+fn auth_message(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => s.message().to_owned(),
+        other => other.to_string(),
     }
 }
 
@@ -111,6 +221,9 @@ fn map_err(e: &etcd_client::Error, endpoints: &[String], lease: Option<LeaseId>)
         }
     }
     match e {
+        E::GRpcStatus(s) if s.message().contains("user name is empty") => StoreError::Rejected(
+            format!("etcd at {at} requires authentication: set --etcd-user and --etcd-password"),
+        ),
         E::GRpcStatus(s) => match s.code() {
             tonic::Code::Unavailable
             | tonic::Code::DeadlineExceeded
@@ -426,5 +539,24 @@ impl MetaStore for EtcdStore {
             .await
             .map_err(|e| self.err(e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_follow_the_tls_options() {
+        let eps = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let given = eps(&["http://a:2379", "https://b:2379", "c:2379"]);
+        assert_eq!(
+            endpoint_urls(&given, true).unwrap(),
+            eps(&["https://a:2379", "https://b:2379", "https://c:2379"])
+        );
+        let plain = eps(&["http://a:2379", "c:2379"]);
+        assert_eq!(endpoint_urls(&plain, false).unwrap(), plain);
+        let e = endpoint_urls(&given, false).unwrap_err().to_string();
+        assert!(e.contains("https://b:2379") && e.contains("--etcd-ca"), "{e}");
     }
 }

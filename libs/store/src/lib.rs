@@ -24,7 +24,7 @@ pub mod meta;
 
 pub use changes::changes;
 pub use election::{Election, Leadership};
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use keys::Keys;
 pub use lease::LeaseKeeper;
 pub use mem::MemStore;
