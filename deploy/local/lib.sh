@@ -78,3 +78,42 @@ start() {
   nohup "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
   echo $! >"$PIDS/$name.pid"
 }
+
+# make_local_ca DIR: once, a local CA and one certificate for 127.0.0.1 and
+# localhost (good for serving and as a client), plus DIR/env.sh exporting
+# the TLS options every redmesh process and redmeshctl read.
+make_local_ca() {
+  local d=$1
+  if [ ! -f "$d/node.pem" ]; then
+    say "making a local CA and certificate in $d"
+    mkdir -p "$d"
+    chmod 700 "$d"
+    cat >"$d/ca.cnf" <<'CNF'
+[req]
+distinguished_name = dn
+prompt = no
+x509_extensions = ca
+[dn]
+CN = redmesh local CA
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+CNF
+    printf '%s\n' 'basicConstraints = CA:FALSE' 'keyUsage = critical,digitalSignature' \
+      'extendedKeyUsage = serverAuth,clientAuth' 'subjectAltName = IP:127.0.0.1,DNS:localhost' \
+      >"$d/node.ext"
+    openssl req -x509 -new -config "$d/ca.cnf" -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
+      -nodes -days 3650 -keyout "$d/ca-key.pem" -out "$d/ca.pem" 2>/dev/null
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=redmesh-local \
+      -keyout "$d/node-key.pem" -out "$d/node.csr" 2>/dev/null
+    openssl x509 -req -in "$d/node.csr" -CA "$d/ca.pem" -CAkey "$d/ca-key.pem" -CAcreateserial \
+      -days 825 -extfile "$d/node.ext" -out "$d/node.pem" 2>/dev/null
+    chmod 600 "$d"/*-key.pem
+  fi
+  cat >"$d/env.sh" <<ENV
+export REDMESH_TLS_CERT=$d/node.pem REDMESH_TLS_KEY=$d/node-key.pem
+export REDMESH_TLS_CA=$d/ca.pem REDMESH_TLS_CLIENT_AUTH=true
+export REDMESH_ETCD_CA=$d/ca.pem REDMESH_ETCD_CERT=$d/node.pem REDMESH_ETCD_KEY=$d/node-key.pem
+ENV
+}
