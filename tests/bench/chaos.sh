@@ -12,6 +12,9 @@
 #
 #   REDMESH_BENCH_CHAOS_SECONDS=S  seconds of faults (default 600)
 #   REDMESH_BENCH_CHAOS_SEED=N     replay a run's fault choices (its seed is printed)
+#   REDMESH_BENCH_CHAOS_DURABILITY=async  run the cluster with async durability:
+#                                  acknowledged writes lost to failovers are
+#                                  counted and reported, not a failure
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 bench_build
@@ -25,4 +28,5 @@ cd "$ROOT" || exit
 # lib.sh clears every other REDMESH_* variable.
 seed="${REDMESH_BENCH_CHAOS_SEED:-$(od -An -N8 -tu8 /dev/urandom | tr -d ' ')}"
 REDMESH_BIN_DIR="$BIN" REDMESH_CHAOS_SECONDS="$seconds" REDMESH_CHAOS_SEED="$seed" \
+  REDMESH_CHAOS_DURABILITY="${REDMESH_BENCH_CHAOS_DURABILITY:-replica_ack}" \
   cargo test --quiet -p redmesh-e2e --test chaos -- --nocapture

@@ -26,6 +26,9 @@ scenarios:
   chaos   random faults (kill -9, SIGSTOP, control-plane and etcd restarts)
           under writes and repeated scaling for REDMESH_BENCH_CHAOS_SECONDS
           (default 600); reports acknowledged writes lost (must be 0)
+  soak    sustained mixed load for REDMESH_BENCH_SOAK_SECONDS (default 300)
+          with each proxy's memory and descriptors sampled; GET latency
+          percentiles through a proxy vs. its Redis node directly
 
 environment:
   REDMESH_BENCH_BUILD=0     do not run `cargo build --release --bins` first
@@ -37,6 +40,8 @@ environment:
   REDMESH_BENCH_BIG_KEYS=N    keys of 16 KiB in the migration scenario (default 20000)
   REDMESH_BENCH_CHAOS_SECONDS=S  seconds of faults in the chaos scenario (default 600)
   REDMESH_BENCH_CHAOS_SEED=N   replay a chaos run's fault choices (each run prints its seed)
+  REDMESH_BENCH_CHAOS_DURABILITY=async  chaos with async durability: losses counted, not failed
+  REDMESH_BENCH_SOAK_SECONDS=S   seconds of load in the soak scenario (default 300)
   REDMESH_BENCH_KEEP=1      keep the run's state and logs directory
 USAGE
   exit 2

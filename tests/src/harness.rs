@@ -126,6 +126,18 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
+/// The value of environment variable `name`, or `default` when it is unset;
+/// a value that does not parse fails the test, naming it (a typo must not
+/// silently run the default).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} cannot be parsed")),
+        Err(_) => default,
+    }
+}
+
 /// A single-node etcd on free ports with its data in a temp dir.
 pub struct Etcd {
     /// Client URL, `http://127.0.0.1:PORT` (`https://` with TLS).

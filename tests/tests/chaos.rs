@@ -11,6 +11,9 @@
 //! `REDMESH_CHAOS_SECONDS` bounds the faults (default 40: the short variant
 //! `./tests/run.sh` runs, with a fixed seed); `REDMESH_CHAOS_SEED` chooses
 //! the sequence of faults (every run prints its seed).
+//! `REDMESH_CHAOS_DURABILITY=async` runs the cluster with `async`
+//! durability instead: acknowledged writes may then be lost in a failover,
+//! and the run counts and reports them rather than failing on them.
 //! `./tests/bench/run.sh chaos` runs it longer on release builds with a
 //! fresh seed each time.
 
@@ -21,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redmesh_api::v1;
-use redmesh_e2e::harness::eventually;
+use redmesh_e2e::harness::{env_or, eventually};
 use redmesh_e2e::system::patient_cluster_client;
 use redmesh_e2e::{Service, System};
 
@@ -296,18 +299,20 @@ async fn leader(coordinators: &[Service]) -> Option<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
-    let seconds: u64 = std::env::var("REDMESH_CHAOS_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
+    let seconds: u64 = env_or("REDMESH_CHAOS_SECONDS", 40);
     // A fixed default: the suite gate replays one known sequence of faults
     // (timing still varies); exploring new sequences is the benchmark's job,
     // which draws a fresh seed every run.
-    let seed: u64 = std::env::var("REDMESH_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_SEED);
-    eprintln!("chaos: {seconds} s of faults, seed {seed} (replay: REDMESH_CHAOS_SEED={seed})");
+    let seed: u64 = env_or("REDMESH_CHAOS_SEED", DEFAULT_SEED);
+    let durability = match std::env::var("REDMESH_CHAOS_DURABILITY").as_deref() {
+        Ok("async") => v1::Durability::Async,
+        Ok("replica_ack") | Err(_) => v1::Durability::ReplicaAck,
+        Ok(other) => panic!("REDMESH_CHAOS_DURABILITY={other}: async or replica_ack"),
+    };
+    eprintln!(
+        "chaos: {seconds} s of faults, seed {seed} (replay: REDMESH_CHAOS_SEED={seed}), durability {}",
+        durability.as_str_name()
+    );
     let mut rng = Rng(seed);
 
     // Eight proxies on two hosts: the cluster grows to four of them, and
@@ -321,7 +326,7 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
         CLUSTER,
         4,
         v1::ClusterConfig {
-            durability: v1::Durability::ReplicaAck as i32,
+            durability: durability as i32,
             replica_ack_timeout_ms: 500,
             ..Default::default()
         },
@@ -605,7 +610,17 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
         refused.load(Ordering::Relaxed),
         lost.len()
     );
-    if !lost.is_empty() {
+    if durability == v1::Durability::Async {
+        // Redis replication is asynchronous: a master lost before its
+        // replica caught up takes its last writes with it. Counted, not
+        // failed; what it costs is the figure.
+        eprintln!(
+            "chaos (async durability): {} of {} acknowledged writes lost ({:.4} %)",
+            lost.len(),
+            acked.len(),
+            100.0 * lost.len() as f64 / acked.len().max(1) as f64
+        );
+    } else if !lost.is_empty() {
         let mut found = Vec::new();
         for (key, _) in lost.iter().take(5) {
             found.push(whereabouts(&sys, key).await);
