@@ -557,6 +557,9 @@ mod tests {
         let plain = eps(&["http://a:2379", "c:2379"]);
         assert_eq!(endpoint_urls(&plain, false).unwrap(), plain);
         let e = endpoint_urls(&given, false).unwrap_err().to_string();
-        assert!(e.contains("https://b:2379") && e.contains("--etcd-ca"), "{e}");
+        assert!(
+            e.contains("https://b:2379") && e.contains("--etcd-ca"),
+            "{e}"
+        );
     }
 }
