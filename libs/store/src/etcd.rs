@@ -142,29 +142,32 @@ impl EtcdStore {
             o = o.with_tls(tls.options()?);
         }
         let client = match &opts.user {
-            None => Client::connect(&urls, Some(o)).await,
+            None => Client::connect(&urls, Some(o))
+                .await
+                .map_err(|e| map_err(&e, &urls, None))?,
             Some((user, pass)) => {
                 match Client::connect(&urls, Some(o.clone().with_user(user, pass))).await {
-                    Err(e) if matches!(map_err(&e, &urls, None), StoreError::Unavailable(_)) => {
-                        tracing::warn!(error = %e, user, "etcd unreachable; authenticating once it answers");
-                        let client = Client::connect(&urls, Some(o))
-                            .await
-                            .map_err(|e| map_err(&e, &urls, None))?;
-                        tokio::spawn(authenticate(client.clone(), user.clone(), pass.clone()));
-                        Ok(client)
-                    }
-                    Err(e) => {
-                        return Err(StoreError::Rejected(format!(
-                            "etcd at {} refused user {user:?}: {}",
-                            urls.join(","),
-                            auth_message(&e)
-                        )))
-                    }
-                    ok => ok,
+                    Ok(client) => client,
+                    Err(e) => match map_err(&e, &urls, None) {
+                        StoreError::Unavailable(_) => {
+                            tracing::warn!(error = %e, user, "etcd unreachable; authenticating once it answers");
+                            let client = Client::connect(&urls, Some(o))
+                                .await
+                                .map_err(|e| map_err(&e, &urls, None))?;
+                            tokio::spawn(authenticate(client.clone(), user.clone(), pass.clone()));
+                            client
+                        }
+                        _ => {
+                            return Err(StoreError::Rejected(format!(
+                                "etcd at {} refused user {user:?}: {}",
+                                urls.join(","),
+                                auth_message(&e)
+                            )))
+                        }
+                    },
                 }
             }
-        }
-        .map_err(|e| map_err(&e, &urls, None))?;
+        };
         Ok(Self {
             client,
             endpoints: Arc::new(urls),

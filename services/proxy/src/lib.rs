@@ -281,10 +281,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// Longest a client may take over its TLS handshake (it holds a
-/// connection slot meanwhile).
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Accepts clients until `shutdown` (over TLS with `tls`); each session is
 /// tracked for draining.
 async fn accept_loop(
@@ -313,26 +309,14 @@ async fn accept_loop(
                     }
                     let shared = shared.clone();
                     let stop = shutdown.clone();
-                    // Taken now, so a renewal applies from the next client.
-                    let acceptor = tls.as_ref().map(TlsServer::acceptor);
+                    let tls = tls.clone();
                     sessions.spawn(async move {
                         metrics::gauge!("redmesh_proxy_client_connections").increment(1.0);
-                        match acceptor {
+                        match tls {
                             None => session::serve(stream, mode, shared.clone(), stop).await,
-                            Some(acceptor) => {
-                                let _ = stream.set_nodelay(true);
-                                let ends = session::Endpoints::of(&stream);
-                                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                                    Ok(Ok(tls)) => session::serve_tls(tls, ends, mode, shared.clone(), stop).await,
-                                    Ok(Err(e)) => {
-                                        metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
-                                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                    }
-                                    Err(_) => {
-                                        metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
-                                        tracing::debug!(%peer, "TLS handshake timed out");
-                                    }
-                                }
+                            Some(server) => {
+                                session::serve_tls(stream, &server, mode, shared.clone(), stop)
+                                    .await
                             }
                         }
                         shared.clients.fetch_sub(1, Ordering::Relaxed);
@@ -348,9 +332,6 @@ async fn accept_loop(
         }
     }
 }
-
-/// Clients whose TLS handshake failed or timed out.
-const TLS_HANDSHAKE_FAILURES: &str = "redmesh_proxy_tls_handshake_failures_total";
 
 /// `None` for a zero duration (the flags' "off").
 fn nonzero(d: Duration) -> Option<Duration> {
@@ -501,7 +482,7 @@ async fn report_freshness(feed: topology::TopologyFeed, shutdown: CancellationTo
         metrics::counter!("redmesh_proxy_backend_errors_total", "kind" => kind).increment(0);
     }
     metrics::counter!("redmesh_proxy_replica_ack_failures_total").increment(0);
-    metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(0);
+    metrics::counter!(session::TLS_HANDSHAKE_FAILURES).increment(0);
     for reason in ["max_clients", "idle", "request_timeout"] {
         metrics::counter!(session::CLIENTS_REJECTED, "reason" => reason).increment(0);
     }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use redmesh_model::ProxyId;
 use redmesh_resp::{Frame, Limits, Protocol, Request, RequestDecoder};
+use redmesh_runtime::tls::TlsServer;
 use redmesh_runtime::CancellationToken;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -41,6 +42,12 @@ mod tx;
 /// Clients the proxy refused or closed, by `reason` (`max_clients`, `idle`,
 /// `request_timeout`).
 pub const CLIENTS_REJECTED: &str = "redmesh_proxy_clients_rejected_total";
+
+/// Clients whose TLS handshake failed or timed out.
+pub const TLS_HANDSHAKE_FAILURES: &str = "redmesh_proxy_tls_handshake_failures_total";
+
+/// Longest a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most replies pending per client before the proxy stops reading from it.
 const MAX_PENDING: usize = 1024;
@@ -240,16 +247,16 @@ struct Slot {
 
 /// Where a client connection comes from and goes to, for CLIENT INFO.
 #[derive(Debug, Clone, Default)]
-pub struct Endpoints {
+struct Endpoints {
     /// The client's address.
-    pub peer: String,
+    peer: String,
     /// The proxy's address it connected to.
-    pub local: String,
+    local: String,
 }
 
 impl Endpoints {
     /// Both ends of `stream` (empty where the OS cannot tell).
-    pub fn of(stream: &TcpStream) -> Self {
+    fn of(stream: &TcpStream) -> Self {
         let text =
             |a: std::io::Result<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
         Self {
@@ -274,18 +281,32 @@ pub async fn serve(
     serve_io(rd, wr, ends, false, listener, shared, shutdown).await;
 }
 
-/// Serves one client connected over TLS (handshake done), as [`serve`].
-pub async fn serve_tls<S>(
-    stream: S,
-    ends: Endpoints,
+/// Serves one client connecting over TLS: the handshake (bounded, as the
+/// client holds a connection slot meanwhile; a failed one is counted and
+/// the connection dropped), then as [`serve`].
+pub async fn serve_tls(
+    stream: TcpStream,
+    server: &TlsServer,
     listener: ListenerMode,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
-) where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
-{
-    let (rd, wr) = tokio::io::split(stream);
-    serve_io(rd, wr, ends, true, listener, shared, shutdown).await;
+) {
+    let _ = stream.set_nodelay(true);
+    let ends = Endpoints::of(&stream);
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, server.acceptor().accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let (rd, wr) = tokio::io::split(tls);
+            serve_io(rd, wr, ends, true, listener, shared, shutdown).await;
+        }
+        Ok(Err(e)) => {
+            metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
+            tracing::debug!(peer = %ends.peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
+            tracing::debug!(peer = %ends.peer, "TLS handshake timed out");
+        }
+    }
 }
 
 async fn serve_io<R, W>(
