@@ -427,6 +427,28 @@ pub fn python() -> String {
     })
 }
 
+/// Runs tests/clients/redis_py_cluster.py (redis-py's RedisCluster, RESP3
+/// and RESP2) entering at `entry`, with the cluster `password` ("" for
+/// none) and, over TLS, trusting `ca`. Fails the test if the script does;
+/// returns what it printed (the nodes it found).
+pub fn redis_py_cluster(entry: &str, password: &str, ca: Option<&std::path::Path>) -> String {
+    let (host, port) = entry.rsplit_once(':').expect("host:port");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/redis_py_cluster.py");
+    let mut cmd = Command::new(python());
+    cmd.args([script, host, port, password]);
+    if let Some(ca) = ca {
+        cmd.arg(ca);
+    }
+    let out = cmd.output().expect("python runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "redis-py failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// The key just past every key starting with `prefix` (etcd's range end
 /// for a prefix).
 fn prefix_end(prefix: &str) -> String {

@@ -1,10 +1,8 @@
 //! Real client libraries against a redmesh cluster: redis-py's RedisCluster
 //! (RESP3, its default, and RESP2) and raw RESP3 framing.
 
-use std::process::Command;
-
 use redmesh_api::v1;
-use redmesh_e2e::harness::{python, raw_exchange};
+use redmesh_e2e::harness::{raw_exchange, redis_py_cluster};
 use redmesh_e2e::System;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,19 +19,7 @@ async fn redis_py_cluster_client_works_in_resp3_and_resp2() {
             },
         )
         .await;
-    let entry = &sys.members(&cluster)[0].resp;
-    let (host, port) = entry.rsplit_once(':').unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/redis_py_cluster.py");
-    let out = Command::new(python())
-        .args([script, host, port, "pw"])
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "redis-py failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    redis_py_cluster(&sys.members(&cluster)[0].resp, "pw", None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

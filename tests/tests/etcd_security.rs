@@ -44,6 +44,13 @@ async fn connect(etcd: &Etcd, opts: &EtcdOptions) -> Result<EtcdStore, StoreErro
     EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), opts).await
 }
 
+/// The error of a read by a client that connects to `etcd` with `opts`
+/// (connecting must succeed).
+async fn read_refused(etcd: &Etcd, opts: &EtcdOptions) -> String {
+    let store = connect(etcd, opts).await.expect("connect");
+    store.get("/redmesh/x").await.unwrap_err().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_works_over_tls_as_a_user_and_refuses_strangers() {
     let pki = Pki::new();
@@ -68,24 +75,12 @@ async fn the_store_works_over_tls_as_a_user_and_refuses_strangers() {
         user: None,
         ..opts.clone()
     };
-    let e = connect(&etcd, &anonymous)
-        .await
-        .unwrap()
-        .get("/redmesh/x")
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = read_refused(&etcd, &anonymous).await;
     assert!(e.contains("permission denied"), "{e}");
     // Without a certificate either, the refusal says to log in.
     let plain_auth = Etcd::start();
     plain_auth.enable_auth(USER, PASSWORD, "/redmesh/");
-    let e = connect(&plain_auth, &EtcdOptions::default())
-        .await
-        .unwrap()
-        .get("/redmesh/x")
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = read_refused(&plain_auth, &EtcdOptions::default()).await;
     assert!(e.contains("requires authentication"), "{e}");
     // Plaintext to a TLS etcd never works; an https endpoint without a CA
     // is refused up front.

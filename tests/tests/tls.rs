@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redmesh_api::v1;
-use redmesh_e2e::harness::{bin_path, eventually, python};
+use redmesh_e2e::harness::{bin_path, eventually, redis_py_cluster};
 use redmesh_e2e::pki::Pki;
 use redmesh_e2e::system::{Service, System};
 use redmesh_e2e::Etcd;
@@ -336,18 +336,7 @@ fn resp_over_tls(sys: &System, cluster: &v1::Cluster, pki: &Pki) {
 
     // redis-py's RedisCluster over TLS finds the proxies at their TLS
     // addresses.
-    let (host, port) = entry.rsplit_once(':').unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/redis_py_cluster.py");
-    let out = Command::new(python())
-        .args([script, host, port, "", s(&pki.ca)])
-        .output()
-        .expect("python runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "redis-py over TLS failed:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = redis_py_cluster(entry, "", Some(&pki.ca));
     for a in &tls_addrs {
         assert!(text.contains(a), "redis-py did not find {a}: {text}");
     }
