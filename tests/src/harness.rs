@@ -199,18 +199,10 @@ impl Etcd {
 
     /// Runs `etcdctl` against this etcd (with the TLS identity, if any).
     pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = Command::new("etcdctl");
-        cmd.env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.endpoint, "--dial-timeout", "2s"]);
-        if let Some(t) = &self.tls {
-            cmd.arg("--cacert")
-                .arg(&t.ca)
-                .arg("--cert")
-                .arg(&t.cert)
-                .arg("--key")
-                .arg(&t.key);
-        }
-        cmd.args(args).output().expect("etcdctl runs")
+        etcdctl_command(&self.endpoint, self.tls.as_ref(), "2s")
+            .args(args)
+            .output()
+            .expect("etcdctl runs")
     }
 
     /// Turns on etcd authentication: a `root` user, and `user` allowed to
@@ -295,15 +287,7 @@ impl Etcd {
                 // way clients do, once the port is open.
                 Some(t) => {
                     std::net::TcpStream::connect(&addr).is_ok()
-                        && Command::new("etcdctl")
-                            .env("ETCDCTL_API", "3")
-                            .args(["--endpoints", &endpoint, "--dial-timeout", "1s"])
-                            .arg("--cacert")
-                            .arg(&t.ca)
-                            .arg("--cert")
-                            .arg(&t.cert)
-                            .arg("--key")
-                            .arg(&t.key)
+                        && etcdctl_command(&endpoint, Some(t), "1s")
                             .args(["endpoint", "health"])
                             .output()
                             .is_ok_and(|o| o.status.success())
@@ -447,6 +431,23 @@ pub fn redis_py_cluster(entry: &str, password: &str, ca: Option<&std::path::Path
         String::from_utf8_lossy(&out.stderr)
     );
     text
+}
+
+/// etcdctl (API v3) against `endpoint`, presenting `tls`'s certificate if
+/// given, giving up on a connection after `dial`.
+fn etcdctl_command(endpoint: &str, tls: Option<&EtcdTls>, dial: &str) -> Command {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoint, "--dial-timeout", dial]);
+    if let Some(t) = tls {
+        cmd.arg("--cacert")
+            .arg(&t.ca)
+            .arg("--cert")
+            .arg(&t.cert)
+            .arg("--key")
+            .arg(&t.key);
+    }
+    cmd
 }
 
 /// The key just past every key starting with `prefix` (etcd's range end
