@@ -289,7 +289,7 @@ impl Mover {
             next_cursor: b.cursor,
             ..Moved::default()
         };
-        let require_confirm = c.replica_ack_ms.is_some();
+        let require_replica = c.replica_ack_ms.is_some();
         let scan_limit = b.max_keys.max(1).saturating_mul(SCAN_FACTOR);
         let mut claimed = 0u64;
         let mut rounds = Rounds(JoinSet::new());
@@ -331,7 +331,7 @@ impl Mover {
                     out: out.clone(),
                     source: source_pool.clone(),
                     target: target_pool.clone(),
-                    require_confirm,
+                    require_replica,
                 };
                 rounds.0.spawn(round.run(ours));
             }
@@ -425,7 +425,7 @@ impl Mover {
         src: &mut Dedicated,
         dst: &mut Dedicated,
         keys: &[Bytes],
-        require_confirm: bool,
+        require_replica: bool,
         big_key_bytes: u64,
     ) -> Result<Moved, MigrateError> {
         let _held = self.shared.locks.lock(keys).await;
@@ -515,7 +515,7 @@ impl Mover {
             return Ok(moved);
         }
         let copied: Vec<Bytes> = found.iter().map(|(k, _)| (*k).clone()).collect();
-        self.commit(out, src, dst, writes, &copied, require_confirm)
+        self.commit(out, src, dst, writes, &copied, require_replica)
             .await?;
         moved.keys = found.len() as u64;
         moved.bytes = found.iter().map(|(_, p)| p.len() as u64).sum();
@@ -534,9 +534,9 @@ impl Mover {
         dst: &mut Dedicated,
         mut writes: Vec<Bytes>,
         copied: &[Bytes],
-        require_confirm: bool,
+        require_replica: bool,
     ) -> Result<(), MigrateError> {
-        if require_confirm && !out.target_has_replica {
+        if require_replica && !out.target_has_replica {
             // As client writes get NOREPLICAS: moving keys from a shard
             // with a replica to one without would drop their redundancy.
             return Err(MigrateError::Backend(
@@ -562,9 +562,16 @@ impl Mover {
                     metrics::counter!("redmesh_proxy_migration_unconfirmed_total", "side" => "destination")
                         .increment(1);
                 }
+                // Whatever the durability: under `async` a client accepts
+                // that its own latest writes may die with their master, but
+                // these keys are old and safe at the source. A `WAIT` that
+                // no replica answers also means the node may have been
+                // failed over and detached (its proxy paused, say) while our
+                // view still names it: deleting the sources then would leave
+                // the keys only on a node that serves nobody.
                 bad.or_else(|| {
-                    (unconfirmed && require_confirm).then(|| {
-                        "the destination replica did not confirm the copies (durability replica_ack)"
+                    unconfirmed.then(|| {
+                        "the destination replica did not confirm the copies; the keys stay at the source"
                             .to_owned()
                     })
                 })
@@ -622,7 +629,7 @@ impl Mover {
         src: &mut Dedicated,
         dst: &mut Dedicated,
         key: Bytes,
-        require_confirm: bool,
+        require_replica: bool,
     ) -> Result<Moved, MigrateError> {
         // Held by name, not by stripe: the copy takes seconds, and other
         // keys of the stripe must not wait for it.
@@ -652,7 +659,7 @@ impl Mover {
             _ => {
                 drop(held);
                 return self
-                    .move_keys(out, src, dst, &[key], require_confirm, u64::MAX)
+                    .move_keys(out, src, dst, &[key], require_replica, u64::MAX)
                     .await;
             }
         };
@@ -758,7 +765,7 @@ impl Mover {
                 dst,
                 writes,
                 std::slice::from_ref(&key),
-                require_confirm,
+                require_replica,
             )
             .await?;
             Ok(Some(bytes))
@@ -857,7 +864,7 @@ struct Round {
     out: Outgoing,
     source: Arc<DedicatedPool>,
     target: Arc<DedicatedPool>,
-    require_confirm: bool,
+    require_replica: bool,
 }
 
 impl Round {
@@ -871,7 +878,7 @@ impl Round {
                 &mut src,
                 &mut dst,
                 &keys,
-                self.require_confirm,
+                self.require_replica,
                 self.mover.big_key_bytes,
             )
             .await?;
@@ -880,7 +887,7 @@ impl Round {
         for key in std::mem::take(&mut moved.big) {
             let m = self
                 .mover
-                .move_big(&self.out, &mut src, &mut dst, key, self.require_confirm)
+                .move_big(&self.out, &mut src, &mut dst, key, self.require_replica)
                 .await?;
             moved.keys += m.keys;
             moved.bytes += m.bytes;
