@@ -557,6 +557,79 @@ async fn a_source_proxy_killed_mid_task_fails_over_and_the_task_finishes() {
     check_ledger(&entry, &ledger).await;
 }
 
+/// `CONFIG SET` on a Redis node, through redis-cli.
+fn redis_config(port: u16, name: &str, value: &str) {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "CONFIG", "SET", name, value])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("OK"),
+        "CONFIG SET {name} on {port}: {out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_shard_whose_master_dies_before_its_replica_synced_still_fills() {
+    // Proxies 0-1 serve the cluster, 2-3 are the chunk it grows onto, 4-5
+    // one free proxy per host to replace the dead one.
+    let mut sys = System::start(6);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("unsynced", 4, v1::ClusterConfig::default())
+        .await;
+    let (_checkers, _co) = sys.start_control_plane().await;
+    let m = sys.start_migrator("mg-1", &[]);
+    preload(&sys, &cluster).await;
+
+    // The new chunk's replicas will never complete their first sync (a
+    // wrong masterauth fails their handshake with the master): keys cannot
+    // move in, as no replica confirms their copies.
+    let grown = dry_run(&sys, "unsynced", 8).await.added_chunks;
+    assert_eq!(grown.len(), 1, "{grown:?}");
+    for id in &grown[0].proxy_ids {
+        redis_config(
+            sys.proxy(id).redis[1].port,
+            "masterauth",
+            "not-the-password",
+        );
+    }
+    let (plan, task) = scale(&sys, "unsynced", 8, 3000).await;
+    assert_eq!(plan.added_chunks, grown);
+    eventually("batches refused", Duration::from_secs(30), || async {
+        progress(&m, "unsynced", &task).await.filter(|p| {
+            p.task
+                .as_ref()
+                .is_some_and(|t| t.error.contains("did not confirm"))
+        })
+    })
+    .await;
+    assert_eq!(progress(&m, "unsynced", &task).await.unwrap().keys_moved, 0);
+
+    // One new proxy's machine dies. Its shard's only replica never synced
+    // and its master is gone: the shard owns no slots yet, so the partner
+    // promotes the empty node instead of refusing for good, a free proxy
+    // replaces the dead one, and the task finishes.
+    let victim = grown[0].proxy_ids[0].clone();
+    {
+        let v = sys.proxies.iter_mut().find(|p| p.id == victim).unwrap();
+        v.child.as_mut().unwrap().kill();
+        v.redis[0].kill();
+        v.redis[1].kill();
+    }
+    let done = finished(&m, "unsynced", &task).await;
+    let t = done.task.clone().unwrap();
+    assert_eq!(t.state, MigrationState::Completed as i32, "{t:?}");
+    let (after, _) = sys.get_cluster("unsynced").await;
+    assert!(
+        after.chunks.iter().all(|c| !c.proxy_ids.contains(&victim)),
+        "{after:?}"
+    );
+    assert_eq!(slots_per_shard(&after), vec![4096; 4]);
+    sys.wait_cluster_ok(&after).await;
+    verify(&sys.members(&after)[0].resp).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_resumed_restarted_and_cancelled_tasks_keep_every_key() {
     let (sys, mut m, task, entry) = scaling_under_way("ctl", 500).await;

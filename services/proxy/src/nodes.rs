@@ -108,7 +108,18 @@ async fn current_master(node: &Backend) -> Result<Option<(String, String)>, Stri
 /// every read of the shard with nothing and take writes over lost data. It
 /// stays a replica and the shard stays unavailable, with this error, until
 /// an operator decides (its old master's node, if it survived, has the data).
-async fn ensure_master(node: &Backend, uid: &str) -> Result<(), String> {
+///
+/// While that master is alive the refusal resolves itself: the node keeps
+/// syncing from it, and the retry after the sync promotes it. It does not
+/// when the master is gone, which for a shard that owns no slots (one a
+/// scale-out has just created, its slots still moving in) would stop the
+/// scale-out for good. Such a shard's data is only what moved in, and a
+/// key is deleted at its source only once the destination's replica has
+/// confirmed the copy (a replica that confirms has synced); so with its
+/// master unreachable or wiped, and its replica never synced, nothing can be
+/// lost by promoting the empty node that was not already lost with two
+/// machines (the replica that confirmed, and the master).
+async fn ensure_master(node: &Backend, uid: &str, holds_slots: bool) -> Result<(), String> {
     if let Some((host, port)) = current_master(node).await? {
         let marker = reply_ok(
             node.call(&["EVAL", GET_MARKER_SCRIPT, "1", MARKER_KEY])
@@ -116,7 +127,14 @@ async fn ensure_master(node: &Backend, uid: &str) -> Result<(), String> {
                 .map_err(backend_err)?,
             "marker check",
         )?;
-        if text(&marker).as_deref() != Some(uid) {
+        let synced = text(&marker).as_deref() == Some(uid);
+        if !synced && !holds_slots && !holds_marker(&format!("{host}:{port}"), uid).await {
+            tracing::warn!(
+                node = node.addr(),
+                master = %format!("{host}:{port}"),
+                "promoting a never-synced node of a shard that owns no slots yet: its master is gone"
+            );
+        } else if !synced {
             return Err(format!(
                 "refusing to promote node {}: it never completed a sync from its master \
                  {host}:{port} (no cluster marker), so it does not hold the shard's data",
@@ -146,6 +164,25 @@ async fn ensure_master(node: &Backend, uid: &str) -> Result<(), String> {
         Ok(_) => {}
     }
     Ok(())
+}
+
+/// Whether the node at `addr` holds cluster `uid`'s data, as far as one
+/// can tell: a node that does not answer, or answers without the cluster's
+/// marker (it restarted empty), does not; one that is slow to answer might.
+async fn holds_marker(addr: &str, uid: &str) -> bool {
+    let other = Backend::spawn(
+        addr.to_owned(),
+        crate::backend::Handshake::default(),
+        crate::backend::BackendOptions::default(),
+    );
+    match other
+        .call(&["EVAL", GET_MARKER_SCRIPT, "1", MARKER_KEY])
+        .await
+    {
+        Ok(marker) => text(&marker).as_deref() == Some(uid),
+        Err(BackendError::Unavailable { .. } | BackendError::Lost { .. }) => false,
+        Err(_) => true,
+    }
 }
 
 /// Back in the pool, or failed: a master again, replicating from nobody.
@@ -249,6 +286,9 @@ pub struct NodeTask {
     pub role: NodeRole,
     /// For a replica: its master's address, or why it is unknown.
     pub master: Option<Result<Address, String>>,
+    /// Whether its shard owns any slot (a shard a scale-out is filling
+    /// owns none until its first range commits).
+    pub holds_slots: bool,
 }
 
 /// What the topology asks of the local nodes. Two equal plans need the same
@@ -298,7 +338,17 @@ pub fn plan(view: &ProxyView) -> Plan {
                     ),
                     _ => None,
                 };
-                NodeTask { role, master }
+                let holds_slots = match &role {
+                    NodeRole::Master { shard } | NodeRole::Replica { shard, .. } => {
+                        cluster.slots.iter().any(|a| a.shard == *shard)
+                    }
+                    NodeRole::Idle => false,
+                };
+                NodeTask {
+                    role,
+                    master,
+                    holds_slots,
+                }
             }),
         },
         _ => Plan::Untouched,
@@ -336,7 +386,7 @@ pub async fn apply(plan: &Plan, nodes: &[Backend; 2]) -> Vec<NodeReport> {
                 let outcome = match (&task.role, &task.master) {
                     (NodeRole::Master { .. }, _) => {
                         async {
-                            ensure_master(node, uid).await?;
+                            ensure_master(node, uid, task.holds_slots).await?;
                             claim(node, uid).await
                         }
                         .await
