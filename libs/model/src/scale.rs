@@ -94,6 +94,31 @@ impl Cluster {
         Ok(c)
     }
 
+    /// The chunks a finished task takes out: those it recorded (`recorded`)
+    /// as they are now. A replacement during the task puts a new proxy in a
+    /// recorded chunk, so a chunk also leaves if every shard it masters is
+    /// one the task emptied (`emptied`) and none of them owns or receives a
+    /// slot any more; a chunk that still holds slots always stays.
+    pub fn leaving_chunks(&self, recorded: &[Chunk], emptied: &[ShardId]) -> Vec<Chunk> {
+        let holds_slots = |id: ShardId| {
+            self.slots.iter().any(|a| {
+                a.shard == id || a.migration.as_ref().is_some_and(|m| m.target_shard == id)
+            })
+        };
+        self.chunks
+            .iter()
+            .filter(|ch| {
+                let hosted = self.shards_on(std::slice::from_ref(*ch));
+                recorded.contains(ch)
+                    || (!hosted.is_empty()
+                        && hosted
+                            .iter()
+                            .all(|id| emptied.contains(id) && !holds_slots(*id)))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Shards whose master is on one of `chunks`.
     pub fn shards_on(&self, chunks: &[Chunk]) -> Vec<ShardId> {
         self.shards
@@ -380,6 +405,35 @@ mod tests {
         let shrunk = run(&grown, &back).without_chunks(&leaving).unwrap();
         assert_eq!(shrunk.slots, small.slots);
         assert_eq!(shrunk.chunks, small.chunks);
+    }
+
+    #[test]
+    fn a_leaving_chunk_whose_member_was_replaced_still_leaves() {
+        let grown = {
+            let big = cluster(vec![chunk("a", "b")])
+                .with_chunks(&[chunk("c", "d")])
+                .unwrap();
+            run(&big, &plan_moves(&big, &[]).unwrap())
+        };
+        let leaving = [chunk("c", "d")];
+        let back = plan_moves(&grown, &leaving).unwrap();
+        let emptied: Vec<ShardId> = back.iter().map(|m| m.from).collect();
+        // Mid-task, "d" fails and "e" takes its place.
+        let failed = crate::failover::fail_proxy(&grown, &pid("d"), |_| true)
+            .unwrap()
+            .cluster;
+        let replaced = crate::failover::replace_proxy(&failed, &pid("d"), &pid("e")).unwrap();
+        // Before the moves the chunk still holds slots: it stays.
+        assert!(replaced.leaving_chunks(&leaving, &emptied).is_empty());
+        let shrunk = run(&replaced, &back);
+        let gone = shrunk.leaving_chunks(&leaving, &emptied);
+        assert_eq!(gone, vec![chunk("c", "e")]);
+        let small = shrunk.without_chunks(&gone).unwrap();
+        assert_eq!(small.chunks, vec![chunk("a", "b")]);
+        // A staying chunk whose shards also gave slots away is not taken.
+        assert!(!grown
+            .leaving_chunks(&[], &[0, 1, 2, 3])
+            .contains(&chunk("a", "b")));
     }
 
     #[test]

@@ -734,6 +734,21 @@ impl Runner {
         .map(chunk_model)
         .collect::<Result<_, _>>()
         .map_err(|e| Stop::Retry(e.to_string()))?;
+        // The shards the task emptied: the sources of a scale-in, the
+        // destinations of a cancelled scale-out.
+        let emptied: Vec<u32> = s
+            .task
+            .plan
+            .iter()
+            .flat_map(|p| p.moves.iter())
+            .map(|m| {
+                if cancelled {
+                    m.to_shard_id
+                } else {
+                    m.from_shard_id
+                }
+            })
+            .collect();
         let mut done = s.task.clone();
         done.state = if cancelled {
             MigrationState::Cancelled
@@ -755,11 +770,7 @@ impl Runner {
                 ],
                 |snap, _| {
                     let c = snap.cluster(name)?;
-                    let present: Vec<Chunk> = leaving
-                        .iter()
-                        .filter(|ch| c.chunks.contains(ch))
-                        .cloned()
-                        .collect();
+                    let present = c.leaving_chunks(&leaving, &emptied);
                     let mut next = c.without_chunks(&present)?;
                     if next.task.id == task_id {
                         next.task = ClusterTask::default();
