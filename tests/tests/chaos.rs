@@ -61,6 +61,14 @@ const FAULTS: [Fault; 7] = [
     Fault::RestartEtcd,
 ];
 
+/// What a writer is doing, for the failure message of writes that stopped.
+#[derive(Default)]
+struct Doing {
+    what: &'static str,
+    since: Option<Instant>,
+    last_error: String,
+}
+
 const CLUSTER: &str = "chaos";
 
 /// The sequence `./tests/run.sh` replays: every kind of fault, 28 in 40 s.
@@ -235,6 +243,121 @@ async fn whereabouts(sys: &System, key: &str) -> String {
     out.join("\n")
 }
 
+/// What each member proxy does with a write now, and its log, for the
+/// failure message of writes that stopped: a stuck proxy, a stuck Redis
+/// node and a client that lost its way look alike from the writers.
+async fn stall_report(sys: &System, c: &v1::Cluster) -> String {
+    let mut out = Vec::new();
+    for shard in &c.shards {
+        let Some(master) = &shard.master else {
+            continue;
+        };
+        let Some(p) = sys.proxies.iter().find(|p| p.id == master.proxy_id) else {
+            continue;
+        };
+        let owned = |slot: u16| {
+            c.slots.iter().any(|a| {
+                a.shard_id == shard.id
+                    && a.range
+                        .as_ref()
+                        .is_some_and(|r| (r.start..=r.end).contains(&u32::from(slot)))
+            })
+        };
+        let Some(key) = (0..100_000)
+            .map(|i| format!("stall-probe:{i}"))
+            .find(|k| owned(redmesh_model::key_slot(k.as_bytes())))
+        else {
+            continue;
+        };
+        let probe = async {
+            let client = redis::Client::open(format!("redis://{}", p.resp))?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            conn.set::<_, _, ()>(&key, 1).await
+        };
+        let reply = match tokio::time::timeout(Duration::from_secs(3), probe).await {
+            Ok(r) => format!("{r:?}"),
+            Err(_) => "no reply within 3 s".to_owned(),
+        };
+        out.push(format!(
+            "shard {} master {} ({}): SET {key} -> {reply}\n{} log:\n{}",
+            shard.id,
+            p.id,
+            p.resp,
+            p.id,
+            p.log()
+        ));
+    }
+    // What each proxy says the cluster is, and what a fresh client of the
+    // whole fleet gets.
+    for p in &sys.proxies {
+        let slots = async {
+            let client = redis::Client::open(format!("redis://{}", p.resp))?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<redis::Value>(&mut conn)
+                .await
+        };
+        let slots = match tokio::time::timeout(Duration::from_secs(3), slots).await {
+            Ok(r) => format!("{r:?}"),
+            Err(_) => "no reply within 3 s".to_owned(),
+        };
+        out.push(format!("{} ({}) CLUSTER SLOTS: {slots}", p.id, p.resp));
+    }
+    let fresh = async {
+        let mut conn = patient_cluster_client(sys.proxies.iter().map(|p| &p.resp))
+            .get_async_connection()
+            .await?;
+        let mut results = Vec::new();
+        for i in 0..10 {
+            let started = Instant::now();
+            let r = conn.set::<_, _, ()>(format!("stall-fresh:{i}"), i).await;
+            results.push(format!("{r:?} in {:?}", started.elapsed()));
+        }
+        Ok::<_, redis::RedisError>(results)
+    };
+    out.push(
+        match tokio::time::timeout(Duration::from_secs(60), fresh).await {
+            Ok(r) => format!("a fresh client of every proxy: {r:?}"),
+            Err(_) => "a fresh client of every proxy: no answer within 60 s".to_owned(),
+        },
+    );
+    out.join("\n")
+}
+
+/// How lost writes cluster, which tells what lost them: a master lost
+/// before its replica caught up takes a run of consecutive writes to its
+/// slots; a migration batch lost in transit takes keys of a few slots
+/// written at any time.
+fn loss_pattern(lost: &[(String, Option<u64>)]) -> String {
+    let slots: std::collections::BTreeSet<u16> = lost
+        .iter()
+        .map(|(key, _)| redmesh_model::key_slot(key.as_bytes()))
+        .collect();
+    let mut writes: Vec<(&str, u64)> = lost
+        .iter()
+        .filter_map(|(key, _)| {
+            let (w, i) = key.split_once(':')?;
+            Some((w, i.parse().ok()?))
+        })
+        .collect();
+    writes.sort_unstable();
+    // Consecutive writes of one writer to one shard are a few indices
+    // apart (the others went to other shards).
+    let runs = writes
+        .windows(2)
+        .filter(|p| p[0].0 != p[1].0 || p[1].1 - p[0].1 > 16)
+        .count()
+        + usize::from(!writes.is_empty());
+    let first: Vec<String> = slots.iter().take(20).map(u16::to_string).collect();
+    format!(
+        "lost writes: {} in {runs} runs of nearby writes, over {} slots (first: {})",
+        lost.len(),
+        slots.len(),
+        first.join(" ")
+    )
+}
+
 /// Index (in `sys.proxies`) of a random member of the cluster.
 async fn random_member(sys: &System, rng: &mut Rng) -> usize {
     let (c, _) = cluster_state(&sys.broker.url())
@@ -353,13 +476,22 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
     let client = patient_cluster_client(sys.proxies.iter().map(|p| &p.resp));
     let acked: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let refused = Arc::new(AtomicU64::new(0));
-    let last_error: Arc<Mutex<String>> = Arc::default();
+    // Per writer: what it is doing, since when, and its last error.
+    let doing: Arc<Mutex<[Doing; 2]>> = Arc::default();
     let stop_writing = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..2)
         .map(|w| {
             let (acked, refused, stop) = (acked.clone(), refused.clone(), stop_writing.clone());
-            let last_error = last_error.clone();
+            let doing = doing.clone();
             let client = client.clone();
+            let set_doing = move |what: &'static str, error: Option<String>| {
+                let mut d = doing.lock().unwrap();
+                d[w].what = what;
+                d[w].since = Some(Instant::now());
+                if let Some(e) = error {
+                    d[w].last_error = e;
+                }
+            };
             tokio::spawn(async move {
                 let mut conn = client
                     .get_async_connection()
@@ -370,6 +502,7 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
                     let key = format!("w{w}:{i}");
+                    set_doing("SET", None);
                     match conn.set::<_, _, ()>(&key, i).await {
                         Ok(()) => {
                             acked.lock().unwrap().insert(key, i);
@@ -377,14 +510,30 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
                         }
                         Err(e) => {
                             refused.fetch_add(1, Ordering::Relaxed);
-                            *last_error.lock().unwrap() = format!("{key}: {e}");
+                            set_doing("SET", Some(format!("{key}: {e}")));
                             // What an application does when its client has
                             // lost every node it knew: connect afresh from
-                            // the seeds.
+                            // the seeds (bounded, as applications bound it).
                             failing += 1;
                             if failing >= 3 {
-                                if let Ok(c) = client.get_async_connection().await {
-                                    conn = c;
+                                set_doing("connecting from the seeds", None);
+                                match tokio::time::timeout(
+                                    Duration::from_secs(10),
+                                    client.get_async_connection(),
+                                )
+                                .await
+                                {
+                                    Ok(Ok(c)) => conn = c,
+                                    Ok(Err(e)) => set_doing(
+                                        "connecting from the seeds",
+                                        Some(format!("connecting: {e}")),
+                                    ),
+                                    Err(_) => set_doing(
+                                        "connecting from the seeds",
+                                        Some(
+                                            "connecting: no cluster connection within 10 s".into(),
+                                        ),
+                                    ),
                                 }
                             }
                         }
@@ -577,8 +726,19 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
         if Instant::now() > deadline {
             // (No lock held across the await: the writers take it.)
             let state = cluster_state(&broker_url).await;
-            let last = last_error.lock().unwrap().clone();
-            panic!("no writes acknowledged after the faults (seed {seed}); last error: {last}; cluster: {state:?}");
+            let writers: Vec<String> = doing
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|d| {
+                    let for_ = d.since.map(|t| t.elapsed()).unwrap_or_default();
+                    format!("{} for {for_:?} (last error: {})", d.what, d.last_error)
+                })
+                .collect();
+            panic!(
+                "no writes acknowledged after the faults (seed {seed}); writers: {writers:?}; cluster: {state:?}\n{}",
+                stall_report(&sys, &healed).await
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -620,6 +780,12 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
             acked.len(),
             100.0 * lost.len() as f64 / acked.len().max(1) as f64
         );
+        if !lost.is_empty() {
+            eprintln!("{}", loss_pattern(&lost));
+            for (key, _) in lost.iter().take(3) {
+                eprintln!("{}", whereabouts(&sys, key).await);
+            }
+        }
     } else if !lost.is_empty() {
         let mut found = Vec::new();
         for (key, _) in lost.iter().take(5) {
