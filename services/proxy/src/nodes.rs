@@ -9,6 +9,8 @@
 //! the operator must decide. This is what keeps one tenant's keys from ever
 //! reaching another tenant.
 
+use std::time::Duration;
+
 use redmesh_model::{Address, NodeRole, ProxyState, ProxyView};
 use redmesh_resp::Frame;
 
@@ -169,11 +171,16 @@ async fn ensure_master(node: &Backend, uid: &str, holds_slots: bool) -> Result<(
 /// Whether the node at `addr` holds cluster `uid`'s data, as far as one
 /// can tell: a node that does not answer, or answers without the cluster's
 /// marker (it restarted empty), does not; one that is slow to answer might.
+/// Asked with short limits: the local nodes' reconciliation waits for it.
 async fn holds_marker(addr: &str, uid: &str) -> bool {
     let other = Backend::spawn(
         addr.to_owned(),
         crate::backend::Handshake::default(),
-        crate::backend::BackendOptions::default(),
+        crate::backend::BackendOptions {
+            connect_timeout: Duration::from_millis(300),
+            reply_timeout: Duration::from_secs(1),
+            ..crate::backend::BackendOptions::default()
+        },
     );
     match other
         .call(&["EVAL", GET_MARKER_SCRIPT, "1", MARKER_KEY])
