@@ -302,7 +302,26 @@ async fn stall_report(sys: &System, c: &v1::Cluster) -> String {
             Ok(r) => format!("{r:?}"),
             Err(_) => "no reply within 3 s".to_owned(),
         };
-        out.push(format!("{} ({}) CLUSTER SLOTS: {slots}", p.id, p.resp));
+        // A process left stopped would accept connections and answer none.
+        let state = p
+            .child
+            .as_ref()
+            .and_then(|c| c.pid())
+            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+            .and_then(|stat| {
+                Some(
+                    stat.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .next()?
+                        .to_owned(),
+                )
+            })
+            .unwrap_or_else(|| "not running".into());
+        out.push(format!(
+            "{} ({}, process state {state}) CLUSTER SLOTS: {slots}",
+            p.id, p.resp
+        ));
     }
     let fresh = async {
         let mut conn = patient_cluster_client(sys.proxies.iter().map(|p| &p.resp))
