@@ -570,21 +570,25 @@ fn redis_config(port: u16, name: &str, value: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_shard_whose_master_dies_before_its_replica_synced_still_fills() {
-    // Proxies 0-1 serve the cluster, 2-3 are the chunk it grows onto, 4-5
-    // one free proxy per host to replace the dead one.
-    let mut sys = System::start(6);
+async fn no_key_moves_into_a_shard_whose_replica_never_confirms_even_under_async() {
+    // Proxies 0-1 serve the cluster, 2-3 are the chunk it grows onto.
+    let sys = System::start(4);
     sys.register_all().await;
     let cluster = sys
         .create_cluster("unsynced", 4, v1::ClusterConfig::default())
         .await;
-    let (_checkers, _co) = sys.start_control_plane().await;
+    assert_eq!(
+        cluster.config.as_ref().unwrap().durability,
+        v1::Durability::Async as i32
+    );
     let m = sys.start_migrator("mg-1", &[]);
     preload(&sys, &cluster).await;
 
-    // The new chunk's replicas will never complete their first sync (a
-    // wrong masterauth fails their handshake with the master): keys cannot
-    // move in, as no replica confirms their copies.
+    // The new chunk's replicas never complete their first sync (a wrong
+    // masterauth fails their handshake with the master), so no `WAIT`
+    // there is ever answered: under `async` too, no key may leave its
+    // source for a copy nobody confirmed. (Its master may be a node failed
+    // over and detached while the source's view still names it.)
     let grown = dry_run(&sys, "unsynced", 8).await.added_chunks;
     assert_eq!(grown.len(), 1, "{grown:?}");
     for id in &grown[0].proxy_ids {
@@ -605,29 +609,8 @@ async fn a_new_shard_whose_master_dies_before_its_replica_synced_still_fills() {
     })
     .await;
     assert_eq!(progress(&m, "unsynced", &task).await.unwrap().keys_moved, 0);
-
-    // One new proxy's machine dies. Its shard's only replica never synced
-    // and its master is gone: the shard owns no slots yet, so the partner
-    // promotes the empty node instead of refusing for good, a free proxy
-    // replaces the dead one, and the task finishes.
-    let victim = grown[0].proxy_ids[0].clone();
-    {
-        let v = sys.proxies.iter_mut().find(|p| p.id == victim).unwrap();
-        v.child.as_mut().unwrap().kill();
-        v.redis[0].kill();
-        v.redis[1].kill();
-    }
-    let done = finished(&m, "unsynced", &task).await;
-    let t = done.task.clone().unwrap();
-    assert_eq!(t.state, MigrationState::Completed as i32, "{t:?}");
-    let (after, _) = sys.get_cluster("unsynced").await;
-    assert!(
-        after.chunks.iter().all(|c| !c.proxy_ids.contains(&victim)),
-        "{after:?}"
-    );
-    assert_eq!(slots_per_shard(&after), vec![4096; 4]);
-    sys.wait_cluster_ok(&after).await;
-    verify(&sys.members(&after)[0].resp).await;
+    // Every key still reads back, from where it always was.
+    verify(&sys.members(&cluster)[0].resp).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,8 +9,6 @@
 //! the operator must decide. This is what keeps one tenant's keys from ever
 //! reaching another tenant.
 
-use std::time::Duration;
-
 use redmesh_model::{Address, NodeRole, ProxyState, ProxyView};
 use redmesh_resp::Frame;
 
@@ -110,18 +108,7 @@ async fn current_master(node: &Backend) -> Result<Option<(String, String)>, Stri
 /// every read of the shard with nothing and take writes over lost data. It
 /// stays a replica and the shard stays unavailable, with this error, until
 /// an operator decides (its old master's node, if it survived, has the data).
-///
-/// While that master is alive the refusal resolves itself: the node keeps
-/// syncing from it, and the retry after the sync promotes it. It does not
-/// when the master is gone, which for a shard that owns no slots (one a
-/// scale-out has just created, its slots still moving in) would stop the
-/// scale-out for good. Such a shard's data is only what moved in, and a
-/// key is deleted at its source only once the destination's replica has
-/// confirmed the copy (a replica that confirms has synced); so with its
-/// master unreachable or wiped, and its replica never synced, nothing can be
-/// lost by promoting the empty node that was not already lost with two
-/// machines (the replica that confirmed, and the master).
-async fn ensure_master(node: &Backend, uid: &str, holds_slots: bool) -> Result<(), String> {
+async fn ensure_master(node: &Backend, uid: &str) -> Result<(), String> {
     if let Some((host, port)) = current_master(node).await? {
         let marker = reply_ok(
             node.call(&["EVAL", GET_MARKER_SCRIPT, "1", MARKER_KEY])
@@ -129,14 +116,7 @@ async fn ensure_master(node: &Backend, uid: &str, holds_slots: bool) -> Result<(
                 .map_err(backend_err)?,
             "marker check",
         )?;
-        let synced = text(&marker).as_deref() == Some(uid);
-        if !synced && !holds_slots && !holds_marker(&format!("{host}:{port}"), uid).await {
-            tracing::warn!(
-                node = node.addr(),
-                master = %format!("{host}:{port}"),
-                "promoting a never-synced node of a shard that owns no slots yet: its master is gone"
-            );
-        } else if !synced {
+        if text(&marker).as_deref() != Some(uid) {
             return Err(format!(
                 "refusing to promote node {}: it never completed a sync from its master \
                  {host}:{port} (no cluster marker), so it does not hold the shard's data",
@@ -166,30 +146,6 @@ async fn ensure_master(node: &Backend, uid: &str, holds_slots: bool) -> Result<(
         Ok(_) => {}
     }
     Ok(())
-}
-
-/// Whether the node at `addr` holds cluster `uid`'s data, as far as one
-/// can tell: a node that does not answer, or answers without the cluster's
-/// marker (it restarted empty), does not; one that is slow to answer might.
-/// Asked with short limits: the local nodes' reconciliation waits for it.
-async fn holds_marker(addr: &str, uid: &str) -> bool {
-    let other = Backend::spawn(
-        addr.to_owned(),
-        crate::backend::Handshake::default(),
-        crate::backend::BackendOptions {
-            connect_timeout: Duration::from_millis(300),
-            reply_timeout: Duration::from_secs(1),
-            ..crate::backend::BackendOptions::default()
-        },
-    );
-    match other
-        .call(&["EVAL", GET_MARKER_SCRIPT, "1", MARKER_KEY])
-        .await
-    {
-        Ok(marker) => text(&marker).as_deref() == Some(uid),
-        Err(BackendError::Unavailable { .. } | BackendError::Lost { .. }) => false,
-        Err(_) => true,
-    }
 }
 
 /// Back in the pool, or failed: a master again, replicating from nobody.
@@ -293,9 +249,6 @@ pub struct NodeTask {
     pub role: NodeRole,
     /// For a replica: its master's address, or why it is unknown.
     pub master: Option<Result<Address, String>>,
-    /// Whether its shard owns any slot (a shard a scale-out is filling
-    /// owns none until its first range commits).
-    pub holds_slots: bool,
 }
 
 /// What the topology asks of the local nodes. Two equal plans need the same
@@ -345,17 +298,7 @@ pub fn plan(view: &ProxyView) -> Plan {
                     ),
                     _ => None,
                 };
-                let holds_slots = match &role {
-                    NodeRole::Master { shard } | NodeRole::Replica { shard, .. } => {
-                        cluster.slots.iter().any(|a| a.shard == *shard)
-                    }
-                    NodeRole::Idle => false,
-                };
-                NodeTask {
-                    role,
-                    master,
-                    holds_slots,
-                }
+                NodeTask { role, master }
             }),
         },
         _ => Plan::Untouched,
@@ -393,7 +336,7 @@ pub async fn apply(plan: &Plan, nodes: &[Backend; 2]) -> Vec<NodeReport> {
                 let outcome = match (&task.role, &task.master) {
                     (NodeRole::Master { .. }, _) => {
                         async {
-                            ensure_master(node, uid, task.holds_slots).await?;
+                            ensure_master(node, uid).await?;
                             claim(node, uid).await
                         }
                         .await
