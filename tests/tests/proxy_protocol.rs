@@ -187,6 +187,61 @@ fn key_owner(sys: &System, cluster: &v1::Cluster, key: &[u8]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_empties_the_keys_but_keeps_the_nodes_claimed() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("flush", 4, v1::ClusterConfig::default())
+        .await;
+    let proxy = sys.members(&cluster)[0];
+    for i in 0..20 {
+        let set = format!("SET f{i} v\r\n");
+        assert_eq!(
+            text(&raw_exchange(&proxy.plain, set.as_bytes()).unwrap()),
+            "+OK\r\n"
+        );
+    }
+    assert_eq!(
+        text(&raw_exchange(&proxy.plain, b"FLUSHALL\r\n").unwrap()),
+        "+OK\r\n"
+    );
+    assert_eq!(
+        text(&raw_exchange(&proxy.plain, b"DBSIZE\r\n").unwrap()),
+        ":0\r\n"
+    );
+    // Each master still holds its cluster's ownership marker (database 1):
+    // without it, the next keys would make the node look foreign and the
+    // proxy would stop serving it.
+    for p in sys.members(&cluster) {
+        let marker = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &p.redis[0].port.to_string(),
+                "-n",
+                "1",
+                "GET",
+                "redmesh:cluster-uid",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            text(&marker.stdout).trim(),
+            cluster.uid,
+            "{} lost its marker",
+            p.redis[0].addr
+        );
+    }
+    assert_eq!(
+        text(&raw_exchange(&proxy.plain, b"SET again v\r\n").unwrap()),
+        "+OK\r\n"
+    );
+    assert_eq!(
+        text(&raw_exchange(&proxy.plain, b"GET again\r\n").unwrap()),
+        "$1\r\nv\r\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_password_is_enforced() {
     let sys = System::start(2);
     sys.register_all().await;

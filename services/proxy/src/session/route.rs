@@ -841,7 +841,17 @@ fn keyless(table: &Arc<RouteTable>, s: &mut Session, cmd: &CommandInfo, req: &Re
             }
         }
     }
-    let sent = send_all(table, &targets, req.raw(), proto);
+    // FLUSHALL would also empty database 1, where the node's ownership
+    // marker lives (a node with keys and no marker is refused as foreign);
+    // clients only ever see database 0, so FLUSHDB is the same to them.
+    let raw = if top == "flushall" {
+        let mut args = req.args().to_vec();
+        args[0] = Bytes::from_static(b"FLUSHDB");
+        Request::from_args(&args).raw().clone()
+    } else {
+        req.raw().clone()
+    };
+    let sent = send_all(table, &targets, &raw, proto);
     Dispatch::Reply(Pending::spawn(Box::pin(async move {
         let replies = sent.await;
         if let Some(bad) = replies.iter().find(|r| r.first() == Some(&b'-')) {
@@ -975,6 +985,11 @@ fn split(
     let top = top_name(cmd);
     let args = req.args();
     let pairs = top == "mset";
+    if pairs && args.len().is_multiple_of(2) {
+        // MSET's arity only says "at least one pair"; Redis checks the
+        // pairing itself, and so must a split that reads the values.
+        return known(err("ERR wrong number of arguments for 'mset' command").to_bytes(proto));
+    }
     // Group key positions by slot, remembering each key's index in the reply.
     let mut groups: BTreeMap<Slot, Vec<(usize, usize)>> = BTreeMap::new();
     for (i, &p) in positions.iter().enumerate() {
