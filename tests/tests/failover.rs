@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use redmesh_api::v1::{self, coordinator_client::CoordinatorClient};
 use redmesh_e2e::harness::eventually;
-use redmesh_e2e::system::{coordinator_status, patient_cluster_client, System};
+use redmesh_e2e::system::{coordinator_status, info_field, patient_cluster_client, System};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_writes() {
@@ -601,4 +601,92 @@ async fn replica_that_never_synced_is_not_promoted_to_serve_an_empty_shard() {
     // And the old master kept the data for the operator.
     let reply = redmesh_e2e::harness::raw_exchange(&master_node.addr, b"GET guarded\r\n").unwrap();
     assert_eq!(reply, b"$2\r\nv1\r\n");
+}
+
+/// `redis-cli -p port args…`, its output trimmed.
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_redis_restarted_empty_is_not_served_and_its_replica_keeps_the_data() {
+    // No control plane: nothing fails over, so what the proxies do alone
+    // with a master's Redis that comes back empty is all that happens.
+    let mut sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("restart", 4, v1::ClusterConfig::default())
+        .await;
+    let entry = sys.members(&cluster)[0].plain.clone();
+    for i in 0..200 {
+        let set = format!("SET r{i} v{i}\r\n");
+        assert_eq!(
+            redmesh_e2e::harness::raw_exchange(&entry, set.as_bytes()).unwrap(),
+            b"+OK\r\n"
+        );
+    }
+    let slot = u32::from(redmesh_model::key_slot(b"r0"));
+    let owner = cluster
+        .slots
+        .iter()
+        .find(|a| a.range.is_some_and(|r| r.start <= slot && slot <= r.end))
+        .unwrap()
+        .shard_id;
+    let shard = cluster.shards.iter().find(|s| s.id == owner).unwrap();
+    let (m, r) = (shard.master.clone().unwrap(), shard.replicas[0].clone());
+    let master_port = sys.proxy(&m.proxy_id).redis[m.node_index as usize].port;
+    let replica_port = sys.proxy(&r.proxy_id).redis[r.node_index as usize].port;
+    let keys = eventually("the replica in sync", Duration::from_secs(20), || async {
+        let (a, b) = (
+            cli(master_port, &["DBSIZE"]),
+            cli(replica_port, &["DBSIZE"]),
+        );
+        (a == b && a != "0").then_some(a)
+    })
+    .await;
+
+    // kill -9 of the master's Redis, restarted at once without its data
+    // (no persistence), as a supervisor would restart it.
+    {
+        let p = sys.proxies.iter_mut().find(|p| p.id == m.proxy_id).unwrap();
+        let node = &mut p.redis[m.node_index as usize];
+        node.kill();
+        node.restart();
+    }
+    // Its replica reconnects and is refused (no replication user there),
+    // instead of full-syncing an empty dataset over the shard's data.
+    let refused = eventually(
+        "the replica reconnecting",
+        Duration::from_secs(20),
+        || async {
+            // A failed AUTH is in the node's ACL LOG, naming the user.
+            let denied = cli(master_port, &["ACL", "LOG"]).contains("redmesh-repl");
+            let link = cli(replica_port, &["INFO", "replication"]);
+            if denied {
+                Some(true)
+            } else {
+                (info_field(&link, "master_link_status") == Some("up")).then_some(false)
+            }
+        },
+    )
+    .await;
+    assert!(refused, "the replica synced from the emptied master");
+    // Its proxy does not claim the empty node back: the shard answers with
+    // the reason, and the replica still holds every key for a failover.
+    let master_proxy = sys.proxy(&m.proxy_id).resp.clone();
+    let text = eventually("the node refused", Duration::from_secs(20), || async {
+        let reply = redmesh_e2e::harness::raw_exchange(&master_proxy, b"GET r0\r\n").ok()?;
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        text.starts_with("-CLUSTERDOWN").then_some(text)
+    })
+    .await;
+    assert!(text.contains("lost this cluster's data"), "{text}");
+    assert_eq!(cli(replica_port, &["DBSIZE"]), keys);
+    assert_eq!(cli(replica_port, &["GET", "r0"]), "v0");
+    assert_eq!(cli(master_port, &["DBSIZE"]), "0");
 }

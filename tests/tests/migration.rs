@@ -557,18 +557,6 @@ async fn a_source_proxy_killed_mid_task_fails_over_and_the_task_finishes() {
     check_ledger(&entry, &ledger).await;
 }
 
-/// `CONFIG SET` on a Redis node, through redis-cli.
-fn redis_config(port: u16, name: &str, value: &str) {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "CONFIG", "SET", name, value])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).starts_with("OK"),
-        "CONFIG SET {name} on {port}: {out:?}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_key_moves_into_a_shard_whose_replica_never_confirms_even_under_async() {
     // Proxies 0-1 serve the cluster, 2-3 are the chunk it grows onto.
@@ -584,19 +572,40 @@ async fn no_key_moves_into_a_shard_whose_replica_never_confirms_even_under_async
     let m = sys.start_migrator("mg-1", &[]);
     preload(&sys, &cluster).await;
 
-    // The new chunk's replicas never complete their first sync (a wrong
-    // masterauth fails their handshake with the master), so no `WAIT`
-    // there is ever answered: under `async` too, no key may leave its
-    // source for a copy nobody confirmed. (Its master may be a node failed
-    // over and detached while the source's view still names it.)
+    // The new chunk's replicas never sync: their masters get the
+    // replication user with the cluster's password (read from a replica
+    // of the cluster) but without PSYNC, which their proxies, seeing the
+    // password right, leave alone. So no `WAIT` there is ever answered:
+    // under `async` too, no key may leave its source for a copy nobody
+    // confirmed. (Such a master may be a node failed over and detached
+    // while the source's view still names it.)
     let grown = dry_run(&sys, "unsynced", 8).await.added_chunks;
     assert_eq!(grown.len(), 1, "{grown:?}");
-    for id in &grown[0].proxy_ids {
-        redis_config(
-            sys.proxy(id).redis[1].port,
+    let replica = &sys.members(&cluster)[0].redis[1];
+    let auth = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &replica.port.to_string(),
+            "CONFIG",
+            "GET",
             "masterauth",
-            "not-the-password",
-        );
+        ])
+        .output()
+        .unwrap();
+    let password = String::from_utf8_lossy(&auth.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    for id in &grown[0].proxy_ids {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &sys.proxy(id).redis[0].port.to_string()])
+            .args(["ACL", "SETUSER", "redmesh-repl", "reset", "on"])
+            .arg(format!(">{password}"))
+            .args(["+ping", "+replconf"])
+            .output()
+            .unwrap();
+        assert!(out.stdout.starts_with(b"OK"), "{out:?}");
     }
     let (plan, task) = scale(&sys, "unsynced", 8, 3000).await;
     assert_eq!(plan.added_chunks, grown);

@@ -359,6 +359,7 @@ async fn reconcile_loop(
     let mut links = LinkPool::new(opts);
     let mut current: Option<Arc<ProxyView>> = None;
     let mut applied: Option<(nodes::Plan, Vec<NodeReport>)> = None;
+    let mut served = std::collections::HashSet::new();
     loop {
         let settled = applied
             .as_ref()
@@ -397,7 +398,7 @@ async fn reconcile_loop(
             {
                 reports.clone()
             }
-            _ => nodes::apply(&plan, &admins).await,
+            _ => nodes::apply(&plan, &admins, &mut served).await,
         };
         *reports_out.lock().unwrap_or_else(|e| e.into_inner()) = reports.clone();
         let table = RouteTable::build(&view, &mut links, &reports);

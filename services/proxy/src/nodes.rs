@@ -164,7 +164,27 @@ async fn replicaof_no_one(node: &Backend) -> Result<(), String> {
     reply_ok(reply, "REPLICAOF NO ONE").map(|_| ())
 }
 
-async fn ensure_replica_of(node: &Backend, host: &str, port: u16) -> Result<(), String> {
+async fn ensure_replica_of(
+    node: &Backend,
+    host: &str,
+    port: u16,
+    password: &str,
+) -> Result<(), String> {
+    // Before anything else, so a link (re)made from now on authenticates.
+    // CONFIG SET does not touch a link that is up.
+    reply_ok(
+        node.call(&[
+            "CONFIG",
+            "SET",
+            "masteruser",
+            REPL_USER,
+            "masterauth",
+            password,
+        ])
+        .await
+        .map_err(backend_err)?,
+        "CONFIG SET masteruser/masterauth",
+    )?;
     let port = port.to_string();
     if current_master(node).await? == Some((host.to_owned(), port.clone())) {
         return Ok(());
@@ -177,6 +197,76 @@ async fn ensure_replica_of(node: &Backend, host: &str, port: u16) -> Result<(), 
         "REPLICAOF",
     )?;
     Ok(())
+}
+
+/// The ACL user replicas authenticate to their master as.
+pub const REPL_USER: &str = "redmesh-repl";
+
+/// Lets replicas of this cluster sync from `node` (a master): a user with
+/// the cluster's replication password and the replication commands only.
+/// A Redis that restarted empty has no such user, so a replica reconnecting
+/// to it is refused and keeps its data, instead of full-syncing nothing
+/// (Redis's own hazard with a master that restarts without persistence).
+/// Set only when missing or different: a user is not rewritten under the
+/// replica connected as it.
+async fn ensure_repl_user(node: &Backend, password: &str) -> Result<(), String> {
+    let digest: String = redmesh_model::password_digest(password.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let user = reply_ok(
+        node.call(&["ACL", "GETUSER", REPL_USER])
+            .await
+            .map_err(backend_err)?,
+        "ACL GETUSER",
+    )?;
+    let current = match &user {
+        Frame::Array(fields) => fields
+            .chunks(2)
+            .find(|kv| text(&kv[0]).as_deref() == Some("passwords"))
+            .and_then(|kv| match kv.get(1) {
+                Some(Frame::Array(hashes)) => Some(
+                    hashes
+                        .iter()
+                        .any(|h| text(h).as_deref() == Some(digest.as_str())),
+                ),
+                _ => None,
+            })
+            .unwrap_or(false),
+        _ => false,
+    };
+    if current {
+        return Ok(());
+    }
+    let pass = format!(">{password}");
+    reply_ok(
+        node.call(&[
+            "ACL",
+            "SETUSER",
+            REPL_USER,
+            "reset",
+            "on",
+            &pass,
+            "+psync",
+            "+replconf",
+            "+ping",
+        ])
+        .await
+        .map_err(backend_err)?,
+        "ACL SETUSER",
+    )
+    .map(|_| ())
+}
+
+/// Whether `node` holds cluster `uid`'s marker.
+async fn has_marker_of(node: &Backend, uid: &str) -> Result<bool, String> {
+    let marker = reply_ok(
+        node.call(&["EVAL", GET_MARKER_SCRIPT, "1", MARKER_KEY])
+            .await
+            .map_err(backend_err)?,
+        "marker check",
+    )?;
+    Ok(text(&marker).as_deref() == Some(uid))
 }
 
 /// Runs the claim script: "same", "claimed", "other" or "foreign".
@@ -271,6 +361,9 @@ pub enum Plan {
     Serve {
         /// Cluster uid (ownership marker).
         uid: String,
+        /// Password of the replication user ([`REPL_USER`]), derived from
+        /// the cluster's peer secret: masters accept it, replicas give it.
+        repl_password: String,
         /// Per node, in `redis_nodes` order.
         nodes: [NodeTask; 2],
     },
@@ -286,6 +379,12 @@ pub fn plan(view: &ProxyView) -> Plan {
         (ProxyState::Failed, _) => Plan::Detach,
         (ProxyState::Allocated, Some(cluster)) => Plan::Serve {
             uid: cluster.uid.clone(),
+            repl_password: redmesh_model::password_digest(
+                format!("replication:{}:{}", cluster.peer_secret, cluster.uid).as_bytes(),
+            )
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
             nodes: cluster.node_roles(&view.proxy_id).map(|role| {
                 let master = match &role {
                     NodeRole::Replica { master, .. } => Some(
@@ -307,8 +406,24 @@ pub fn plan(view: &ProxyView) -> Plan {
 
 /// Carries out `plan` on the local nodes (`nodes[i]` is `redis_nodes[i]`)
 /// and reports per node. Idempotent: only what differs is changed.
-pub async fn apply(plan: &Plan, nodes: &[Backend; 2]) -> Vec<NodeReport> {
+///
+/// `served` remembers the (node, cluster uid) pairs this process has
+/// served as master. Such a node found without the cluster's marker lost
+/// its data — its Redis restarted empty — and is not claimed again: it
+/// would serve the shard empty, and its replica, which holds the data,
+/// would then sync the emptiness. It stays unready until a failover
+/// promotes the replica (which its marker allows).
+pub async fn apply(
+    plan: &Plan,
+    nodes: &[Backend; 2],
+    served: &mut std::collections::HashSet<(String, String)>,
+) -> Vec<NodeReport> {
     let mut out = Vec::new();
+    if !matches!(plan, Plan::Serve { .. } | Plan::Untouched) {
+        // Out of the cluster: its nodes are wiped or kept as they are, and
+        // a later claim for the same cluster is a new one.
+        served.clear();
+    }
     match plan {
         Plan::Untouched => {}
         Plan::Detach => {
@@ -331,18 +446,36 @@ pub async fn apply(plan: &Plan, nodes: &[Backend; 2]) -> Vec<NodeReport> {
                 });
             }
         }
-        Plan::Serve { uid, nodes: tasks } => {
+        Plan::Serve {
+            uid,
+            repl_password,
+            nodes: tasks,
+        } => {
             for (node, task) in nodes.iter().zip(tasks) {
                 let outcome = match (&task.role, &task.master) {
                     (NodeRole::Master { .. }, _) => {
-                        async {
+                        let key = (node.addr().to_owned(), uid.clone());
+                        let was_served = served.contains(&key);
+                        let outcome = async {
                             ensure_master(node, uid).await?;
-                            claim(node, uid).await
+                            if was_served && !has_marker_of(node, uid).await? {
+                                return Err(format!(
+                                    "node {} lost this cluster's data (its Redis restarted empty?); \
+                                     not serving it again: its replica holds the shard for a failover",
+                                    node.addr()
+                                ));
+                            }
+                            claim(node, uid).await?;
+                            ensure_repl_user(node, repl_password).await
                         }
-                        .await
+                        .await;
+                        if outcome.is_ok() {
+                            served.insert(key);
+                        }
+                        outcome
                     }
                     (NodeRole::Replica { .. }, Some(Ok(addr))) => {
-                        ensure_replica_of(node, addr.host(), addr.port()).await
+                        ensure_replica_of(node, addr.host(), addr.port(), repl_password).await
                     }
                     (NodeRole::Replica { .. }, Some(Err(why))) => Err(why.clone()),
                     // Leave an idle node's data and replication alone: it
