@@ -168,7 +168,7 @@ async fn ensure_replica_of(
     node: &Backend,
     host: &str,
     port: u16,
-    password: &str,
+    password: &ReplPassword,
 ) -> Result<(), String> {
     // Before anything else, so a link (re)made from now on authenticates.
     // CONFIG SET does not touch a link that is up.
@@ -179,7 +179,7 @@ async fn ensure_replica_of(
             "masteruser",
             REPL_USER,
             "masterauth",
-            password,
+            password.0.as_str(),
         ])
         .await
         .map_err(backend_err)?,
@@ -202,6 +202,34 @@ async fn ensure_replica_of(
 /// The ACL user replicas authenticate to their master as.
 pub const REPL_USER: &str = "redmesh-repl";
 
+/// The replication user's password: derived from the cluster's peer secret
+/// (so Redis never holds the secret itself), and never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ReplPassword(String);
+
+impl ReplPassword {
+    fn of(cluster: &redmesh_model::Cluster) -> Self {
+        Self(hex_sha256(&format!(
+            "replication:{}:{}",
+            cluster.peer_secret, cluster.uid
+        )))
+    }
+}
+
+impl std::fmt::Debug for ReplPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplPassword(..)")
+    }
+}
+
+/// SHA-256 of `text`, as lowercase hex (how Redis lists ACL passwords).
+fn hex_sha256(text: &str) -> String {
+    redmesh_model::password_digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Lets replicas of this cluster sync from `node` (a master): a user with
 /// the cluster's replication password and the replication commands only.
 /// A Redis that restarted empty has no such user, so a replica reconnecting
@@ -209,11 +237,9 @@ pub const REPL_USER: &str = "redmesh-repl";
 /// (Redis's own hazard with a master that restarts without persistence).
 /// Set only when missing or different: a user is not rewritten under the
 /// replica connected as it.
-async fn ensure_repl_user(node: &Backend, password: &str) -> Result<(), String> {
-    let digest: String = redmesh_model::password_digest(password.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+async fn ensure_repl_user(node: &Backend, password: &ReplPassword) -> Result<(), String> {
+    let password = password.0.as_str();
+    let digest = hex_sha256(password);
     let user = reply_ok(
         node.call(&["ACL", "GETUSER", REPL_USER])
             .await
@@ -361,9 +387,9 @@ pub enum Plan {
     Serve {
         /// Cluster uid (ownership marker).
         uid: String,
-        /// Password of the replication user ([`REPL_USER`]), derived from
-        /// the cluster's peer secret: masters accept it, replicas give it.
-        repl_password: String,
+        /// Password of the replication user ([`REPL_USER`]): masters
+        /// accept it, replicas give it.
+        repl_password: ReplPassword,
         /// Per node, in `redis_nodes` order.
         nodes: [NodeTask; 2],
     },
@@ -379,12 +405,7 @@ pub fn plan(view: &ProxyView) -> Plan {
         (ProxyState::Failed, _) => Plan::Detach,
         (ProxyState::Allocated, Some(cluster)) => Plan::Serve {
             uid: cluster.uid.clone(),
-            repl_password: redmesh_model::password_digest(
-                format!("replication:{}:{}", cluster.peer_secret, cluster.uid).as_bytes(),
-            )
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+            repl_password: ReplPassword::of(cluster),
             nodes: cluster.node_roles(&view.proxy_id).map(|role| {
                 let master = match &role {
                     NodeRole::Replica { master, .. } => Some(
