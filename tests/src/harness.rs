@@ -313,6 +313,30 @@ impl Etcd {
     }
 }
 
+/// A tiny seeded generator (xorshift64): tests that draw random requests
+/// draw the same ones on every run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A number below `n` (`n` > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// `redis-cli -p port args…` against a Redis node, its output trimmed.
+pub fn redis_cli<S: AsRef<std::ffi::OsStr>>(port: u16, args: &[S]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// A plain redis-server (no persistence) on a free port.
 pub struct Redis {
     /// `127.0.0.1:PORT`.

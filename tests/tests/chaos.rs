@@ -243,6 +243,20 @@ async fn whereabouts(sys: &System, key: &str) -> String {
     out.join("\n")
 }
 
+/// `cmd`'s reply from the RESP endpoint `addr` on a new connection, or
+/// why none came within 3 s, for failure messages.
+async fn ask(addr: &str, cmd: &redis::Cmd) -> String {
+    let reply = async {
+        let client = redis::Client::open(format!("redis://{addr}"))?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        cmd.query_async::<redis::Value>(&mut conn).await
+    };
+    match tokio::time::timeout(Duration::from_secs(3), reply).await {
+        Ok(r) => format!("{r:?}"),
+        Err(_) => "no reply within 3 s".to_owned(),
+    }
+}
+
 /// What each member proxy does with a write now, and its log, for the
 /// failure message of writes that stopped: a stuck proxy, a stuck Redis
 /// node and a client that lost its way look alike from the writers.
@@ -269,15 +283,7 @@ async fn stall_report(sys: &System, c: &v1::Cluster) -> String {
         else {
             continue;
         };
-        let probe = async {
-            let client = redis::Client::open(format!("redis://{}", p.resp))?;
-            let mut conn = client.get_multiplexed_async_connection().await?;
-            conn.set::<_, _, ()>(&key, 1).await
-        };
-        let reply = match tokio::time::timeout(Duration::from_secs(3), probe).await {
-            Ok(r) => format!("{r:?}"),
-            Err(_) => "no reply within 3 s".to_owned(),
-        };
+        let reply = ask(&p.resp, redis::cmd("SET").arg(&key).arg(1)).await;
         out.push(format!(
             "shard {} master {} ({}): SET {key} -> {reply}\n{} log:\n{}",
             shard.id,
@@ -290,18 +296,7 @@ async fn stall_report(sys: &System, c: &v1::Cluster) -> String {
     // What each proxy says the cluster is, and what a fresh client of the
     // whole fleet gets.
     for p in &sys.proxies {
-        let slots = async {
-            let client = redis::Client::open(format!("redis://{}", p.resp))?;
-            let mut conn = client.get_multiplexed_async_connection().await?;
-            redis::cmd("CLUSTER")
-                .arg("SLOTS")
-                .query_async::<redis::Value>(&mut conn)
-                .await
-        };
-        let slots = match tokio::time::timeout(Duration::from_secs(3), slots).await {
-            Ok(r) => format!("{r:?}"),
-            Err(_) => "no reply within 3 s".to_owned(),
-        };
+        let slots = ask(&p.resp, redis::cmd("CLUSTER").arg("SLOTS")).await;
         // A process left stopped would accept connections and answer none.
         let state = p
             .child

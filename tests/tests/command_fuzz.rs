@@ -14,22 +14,11 @@ use std::time::Duration;
 use bytes::BytesMut;
 use redis::AsyncCommands;
 use redmesh_api::v1;
+use redmesh_e2e::harness::Rng;
 use redmesh_e2e::system::patient_cluster_client;
 use redmesh_e2e::System;
 use redmesh_resp::command::{self, flags};
 use redmesh_resp::{encode_command, parse_frame, Frame};
-
-/// A small seeded generator (xorshift64): the same requests on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
-}
 
 /// Words arguments are drawn from. No "0" or bare integers above 3, so a
 /// blocking command's timeout is short or invalid (never "block forever"),

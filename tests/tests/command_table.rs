@@ -7,6 +7,7 @@ use std::process::Command;
 
 use redis::aio::MultiplexedConnection;
 use redis::Value;
+use redmesh_e2e::harness::Rng;
 use redmesh_e2e::Redis;
 use redmesh_resp::command::{self, CommandInfo, KeyError};
 
@@ -351,18 +352,6 @@ async fn keys_match_command_getkeys() {
             }
             (ours, redis_says) => panic!("{args:?}: ours {ours:?}, Redis {redis_says:?}"),
         }
-    }
-}
-
-/// Tiny deterministic PRNG (xorshift64): the same requests on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
     }
 }
 

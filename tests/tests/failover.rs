@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redmesh_api::v1::{self, coordinator_client::CoordinatorClient};
-use redmesh_e2e::harness::eventually;
+use redmesh_e2e::harness::{eventually, redis_cli};
 use redmesh_e2e::system::{coordinator_status, info_field, patient_cluster_client, System};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -603,16 +603,6 @@ async fn replica_that_never_synced_is_not_promoted_to_serve_an_empty_shard() {
     assert_eq!(reply, b"$2\r\nv1\r\n");
 }
 
-/// `redis-cli -p port args…`, its output trimmed.
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_redis_restarted_empty_is_not_served_and_its_replica_keeps_the_data() {
     // No control plane: nothing fails over, so what the proxies do alone
@@ -643,8 +633,8 @@ async fn a_master_redis_restarted_empty_is_not_served_and_its_replica_keeps_the_
     let replica_port = sys.proxy(&r.proxy_id).redis[r.node_index as usize].port;
     let keys = eventually("the replica in sync", Duration::from_secs(20), || async {
         let (a, b) = (
-            cli(master_port, &["DBSIZE"]),
-            cli(replica_port, &["DBSIZE"]),
+            redis_cli(master_port, &["DBSIZE"]),
+            redis_cli(replica_port, &["DBSIZE"]),
         );
         (a == b && a != "0").then_some(a)
     })
@@ -665,8 +655,8 @@ async fn a_master_redis_restarted_empty_is_not_served_and_its_replica_keeps_the_
         Duration::from_secs(20),
         || async {
             // A failed AUTH is in the node's ACL LOG, naming the user.
-            let denied = cli(master_port, &["ACL", "LOG"]).contains("redmesh-repl");
-            let link = cli(replica_port, &["INFO", "replication"]);
+            let denied = redis_cli(master_port, &["ACL", "LOG"]).contains("redmesh-repl");
+            let link = redis_cli(replica_port, &["INFO", "replication"]);
             if denied {
                 Some(true)
             } else {
@@ -686,7 +676,7 @@ async fn a_master_redis_restarted_empty_is_not_served_and_its_replica_keeps_the_
     })
     .await;
     assert!(text.contains("lost this cluster's data"), "{text}");
-    assert_eq!(cli(replica_port, &["DBSIZE"]), keys);
-    assert_eq!(cli(replica_port, &["GET", "r0"]), "v0");
-    assert_eq!(cli(master_port, &["DBSIZE"]), "0");
+    assert_eq!(redis_cli(replica_port, &["DBSIZE"]), keys);
+    assert_eq!(redis_cli(replica_port, &["GET", "r0"]), "v0");
+    assert_eq!(redis_cli(master_port, &["DBSIZE"]), "0");
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use redmesh_api::v1::{self, migrator_client::MigratorClient, MigrationState};
-use redmesh_e2e::harness::eventually;
+use redmesh_e2e::harness::{eventually, redis_cli};
 use redmesh_e2e::system::{Service, System};
 
 const STRINGS: usize = 20_000;
@@ -582,30 +582,24 @@ async fn no_key_moves_into_a_shard_whose_replica_never_confirms_even_under_async
     let grown = dry_run(&sys, "unsynced", 8).await.added_chunks;
     assert_eq!(grown.len(), 1, "{grown:?}");
     let replica = &sys.members(&cluster)[0].redis[1];
-    let auth = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &replica.port.to_string(),
-            "CONFIG",
-            "GET",
-            "masterauth",
-        ])
-        .output()
-        .unwrap();
-    let password = String::from_utf8_lossy(&auth.stdout)
-        .lines()
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let auth = redis_cli(replica.port, &["CONFIG", "GET", "masterauth"]);
+    let password = auth.lines().nth(1).unwrap();
     for id in &grown[0].proxy_ids {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &sys.proxy(id).redis[0].port.to_string()])
-            .args(["ACL", "SETUSER", "redmesh-repl", "reset", "on"])
-            .arg(format!(">{password}"))
-            .args(["+ping", "+replconf"])
-            .output()
-            .unwrap();
-        assert!(out.stdout.starts_with(b"OK"), "{out:?}");
+        let pass = format!(">{password}");
+        let out = redis_cli(
+            sys.proxy(id).redis[0].port,
+            &[
+                "ACL",
+                "SETUSER",
+                "redmesh-repl",
+                "reset",
+                "on",
+                &pass,
+                "+ping",
+                "+replconf",
+            ],
+        );
+        assert!(out.starts_with("OK"), "{out}");
     }
     let (plan, task) = scale(&sys, "unsynced", 8, 3000).await;
     assert_eq!(plan.added_chunks, grown);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redmesh_api::v1;
-use redmesh_e2e::harness::{eventually, raw_exchange};
+use redmesh_e2e::harness::{eventually, raw_exchange, redis_cli};
 use redmesh_e2e::System;
 
 fn text(b: &[u8]) -> String {
@@ -213,23 +213,8 @@ async fn flushall_empties_the_keys_but_keeps_the_nodes_claimed() {
     // without it, the next keys would make the node look foreign and the
     // proxy would stop serving it.
     for p in sys.members(&cluster) {
-        let marker = std::process::Command::new("redis-cli")
-            .args([
-                "-p",
-                &p.redis[0].port.to_string(),
-                "-n",
-                "1",
-                "GET",
-                "redmesh:cluster-uid",
-            ])
-            .output()
-            .unwrap();
-        assert_eq!(
-            text(&marker.stdout).trim(),
-            cluster.uid,
-            "{} lost its marker",
-            p.redis[0].addr
-        );
+        let marker = redis_cli(p.redis[0].port, &["-n", "1", "GET", "redmesh:cluster-uid"]);
+        assert_eq!(marker, cluster.uid, "{} lost its marker", p.redis[0].addr);
     }
     assert_eq!(
         text(&raw_exchange(&proxy.plain, b"SET again v\r\n").unwrap()),

@@ -110,13 +110,7 @@ async fn current_master(node: &Backend) -> Result<Option<(String, String)>, Stri
 /// an operator decides (its old master's node, if it survived, has the data).
 async fn ensure_master(node: &Backend, uid: &str) -> Result<(), String> {
     if let Some((host, port)) = current_master(node).await? {
-        let marker = reply_ok(
-            node.call(&["EVAL", GET_MARKER_SCRIPT, "1", MARKER_KEY])
-                .await
-                .map_err(backend_err)?,
-            "marker check",
-        )?;
-        if text(&marker).as_deref() != Some(uid) {
+        if !has_marker_of(node, uid).await? {
             return Err(format!(
                 "refusing to promote node {}: it never completed a sync from its master \
                  {host}:{port} (no cluster marker), so it does not hold the shard's data",
