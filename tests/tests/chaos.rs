@@ -318,8 +318,34 @@ async fn stall_report(sys: &System, c: &v1::Cluster) -> String {
             p.id, p.resp
         ));
     }
-    let fresh = async {
-        let mut conn = patient_cluster_client(sys.proxies.iter().map(|p| &p.resp))
+    // Asked twice: from this (the test's own) thread, and from a task on
+    // the runtime's workers, where the writers run. A fresh client was seen
+    // to succeed from here while the writers' new clients timed out.
+    let seeds: Vec<String> = sys.proxies.iter().map(|p| p.resp.clone()).collect();
+    let here = fresh_client_sets(seeds.clone()).await;
+    out.push(format!(
+        "a fresh client of every proxy, from the test: {here}"
+    ));
+    let spawned = tokio::time::timeout(
+        Duration::from_secs(70),
+        tokio::spawn(fresh_client_sets(seeds)),
+    )
+    .await;
+    out.push(format!(
+        "the same, from a spawned task: {}",
+        match spawned {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => format!("the task failed: {e}"),
+            Err(_) => "the task did not finish within 70 s".to_owned(),
+        }
+    ));
+    out.join("\n")
+}
+
+/// Ten SETs through a new client of every proxy, each with its time.
+async fn fresh_client_sets(seeds: Vec<String>) -> String {
+    let sets = async {
+        let mut conn = patient_cluster_client(&seeds)
             .get_async_connection()
             .await?;
         let mut results = Vec::new();
@@ -330,13 +356,10 @@ async fn stall_report(sys: &System, c: &v1::Cluster) -> String {
         }
         Ok::<_, redis::RedisError>(results)
     };
-    out.push(
-        match tokio::time::timeout(Duration::from_secs(60), fresh).await {
-            Ok(r) => format!("a fresh client of every proxy: {r:?}"),
-            Err(_) => "a fresh client of every proxy: no answer within 60 s".to_owned(),
-        },
-    );
-    out.join("\n")
+    match tokio::time::timeout(Duration::from_secs(60), sets).await {
+        Ok(r) => format!("{r:?}"),
+        Err(_) => "no answer within 60 s".to_owned(),
+    }
 }
 
 /// How lost writes cluster, which tells what lost them: a master lost
