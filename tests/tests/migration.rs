@@ -1174,3 +1174,167 @@ async fn a_fenced_source_proxy_moves_no_key() {
     );
     verify(&entry).await;
 }
+
+/// Each of `keys` read through `conn` within 10 s, compared with its value.
+async fn reads_back(conn: &mut redis::cluster_async::ClusterConnection, keys: &[(String, i64)]) {
+    for (key, value) in keys {
+        let got: Option<i64> =
+            tokio::time::timeout(Duration::from_secs(10), conn.get::<_, Option<i64>>(key))
+                .await
+                .unwrap_or_else(|_| panic!("{key}: no answer within 10 s"))
+                .unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert_eq!(got, Some(*value), "{key}");
+    }
+}
+
+/// A client idle through a scale-in still routes the slots that moved to
+/// the proxies that left: they send it on with `-MOVED`, as a Redis
+/// Cluster master that lost its slots does. (They answered `-CLUSTERDOWN`,
+/// on which redis-rs retries the same node and never refreshes its map:
+/// those keys were out of reach for good.) And once such a proxy serves
+/// another tenant's cluster, a connection made for the first one gets none
+/// of the second's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_that_left_send_old_clients_on_and_serve_them_no_other_tenant() {
+    let sys = System::start(4);
+    sys.register_all().await;
+    let config = |password: &str| v1::ClusterConfig {
+        password: password.into(),
+        ..Default::default()
+    };
+    sys.create_cluster("left-a", 8, config("pw-a")).await;
+    let m = sys.start_migrator("mg-1", &[]);
+    let client = |password: &str, addrs: Vec<String>| {
+        redis::cluster::ClusterClient::builder(
+            addrs
+                .iter()
+                .map(|a| format!("redis://:{password}@{a}"))
+                .collect::<Vec<_>>(),
+        )
+        .retries(30)
+        .min_retry_wait(20)
+        .max_retry_wait(200)
+        .connection_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
+    };
+    let all: Vec<String> = sys.proxies.iter().map(|p| p.resp.clone()).collect();
+    let mut conn = client("pw-a", all.clone())
+        .get_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<(String, i64)> = (0..200).map(|i| (format!("left:{i}"), i)).collect();
+    for (key, value) in &keys {
+        conn.set::<_, _, ()>(key, value).await.unwrap();
+    }
+    // A connection authenticated for the cluster to every proxy, made now.
+    let mut direct = Vec::new();
+    for p in &sys.proxies {
+        let c = redis::Client::open(format!("redis://:pw-a@{}", p.resp)).unwrap();
+        direct.push((
+            p.id.clone(),
+            p.resp.clone(),
+            c.get_multiplexed_async_connection().await.unwrap(),
+        ));
+    }
+
+    let (_, task) = scale(&sys, "left-a", 4, 100_000).await;
+    finished(&m, "left-a", &task).await;
+    let (a, _) = sys.get_cluster("left-a").await;
+    let stayed: Vec<String> = sys.members(&a).iter().map(|p| p.id.clone()).collect();
+    let stayed_at: Vec<String> = sys.members(&a).iter().map(|p| p.resp.clone()).collect();
+    let left: Vec<usize> = (0..direct.len())
+        .filter(|&i| !stayed.contains(&direct[i].0))
+        .collect();
+    assert_eq!(left.len(), 2, "one chunk left: {stayed:?}");
+    for &i in &left {
+        let addr = direct[i].1.clone();
+        eventually(
+            &format!("{} to serve no cluster", direct[i].0),
+            Duration::from_secs(20),
+            || {
+                let addr = addr.clone();
+                async move {
+                    let client = redis::Client::open(format!("redis://{addr}")).ok()?;
+                    let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                    let e = redis::cmd("GET")
+                        .arg("x")
+                        .query_async::<redis::Value>(&mut c)
+                        .await
+                        .err()?;
+                    e.to_string()
+                        .contains("not part of any cluster")
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    // The client, idle through the move, reads every key, promptly.
+    reads_back(&mut conn, &keys).await;
+    // The connections made for the cluster to the proxies that left are
+    // sent to a member.
+    for &i in &left {
+        let (id, _, c) = &mut direct[i];
+        let e = redis::cmd("GET")
+            .arg("left:0")
+            .query_async::<Option<String>>(c)
+            .await
+            .expect_err("a proxy that left serves no key");
+        let (to, _) = e
+            .redirect_node()
+            .unwrap_or_else(|| panic!("{id}: no redirect: {e}"));
+        assert!(
+            stayed_at.iter().any(|a| a == to),
+            "{id}: MOVED to {to}, not a member"
+        );
+    }
+
+    // Another tenant's cluster takes the proxies that left.
+    let b = sys.create_cluster("left-b", 4, config("pw-b")).await;
+    let b_members: Vec<String> = sys.members(&b).iter().map(|p| p.id.clone()).collect();
+    for &i in &left {
+        assert!(b_members.contains(&direct[i].0), "{b_members:?}");
+    }
+    let b_at: Vec<String> = sys.members(&b).iter().map(|p| p.resp.clone()).collect();
+    let mut b_conn = client("pw-b", b_at).get_async_connection().await.unwrap();
+    for (key, _) in &keys {
+        b_conn.set::<_, _, ()>(key, "tenant-b").await.unwrap();
+    }
+    sys.wait_cluster_ok(&b).await;
+    for &i in &left {
+        let (id, _, c) = &mut direct[i];
+        for (key, _) in keys.iter().take(20) {
+            let r = redis::cmd("GET")
+                .arg(key)
+                .query_async::<redis::Value>(c)
+                .await;
+            let e = r.expect_err("a connection of another tenant is not served");
+            let to = e.redirect_node().map(|(to, _)| to.to_owned());
+            assert!(
+                to.is_some_and(|to| stayed_at.contains(&to)),
+                "{id} {key}: {e}, not a redirect to the first cluster"
+            );
+        }
+        let e = redis::cmd("DBSIZE")
+            .query_async::<redis::Value>(c)
+            .await
+            .expect_err("a connection of another tenant is not served");
+        assert!(e.to_string().contains("left-a"), "{id}: {e}");
+        // Authenticating with the new cluster's password makes it one of
+        // the new cluster's connections.
+        let () = redis::cmd("AUTH").arg("pw-b").query_async(c).await.unwrap();
+        let got = redis::cmd("GET")
+            .arg("left:0")
+            .query_async::<Option<String>>(c)
+            .await;
+        match got {
+            Ok(v) => assert_eq!(v.as_deref(), Some("tenant-b"), "{id}"),
+            Err(e) => assert!(e.redirect_node().is_some(), "{id}: {e}"),
+        }
+    }
+    // The first cluster's client still reads its own values.
+    reads_back(&mut conn, &keys).await;
+}

@@ -380,7 +380,8 @@ async fn reconcile_loop(
             continue;
         };
         let Some(proxy) = view.proxy.as_ref() else {
-            let old = table_tx.send_replace(Arc::new(RouteTable::build_unregistered(&view)));
+            let table = RouteTable::build_unregistered(&view).after(&table_tx.borrow());
+            let old = table_tx.send_replace(Arc::new(table));
             retired.retire(&old);
             applied = None;
             continue;
@@ -401,7 +402,7 @@ async fn reconcile_loop(
             _ => nodes::apply(&plan, &admins, &mut served).await,
         };
         *reports_out.lock().unwrap_or_else(|e| e.into_inner()) = reports.clone();
-        let table = RouteTable::build(&view, &mut links, &reports);
+        let table = RouteTable::build(&view, &mut links, &reports).after(&table_tx.borrow());
         links.finish();
         if table.epoch != table_tx.borrow().epoch || !recheck {
             tracing::info!(

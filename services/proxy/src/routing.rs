@@ -10,6 +10,7 @@
 //! The data path only reads this immutable table; a new epoch swaps in a
 //! new one.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -127,6 +128,9 @@ pub struct ClusterReplies {
 pub struct Serving {
     /// Cluster name.
     pub name: ClusterName,
+    /// Cluster uid: a connection belongs to the cluster it was first served
+    /// by (a deleted cluster's name may be reused; its uid is not).
+    pub uid: Arc<str>,
     /// Required password digest.
     pub password_sha256: Option<[u8; 32]>,
     /// Secret peer proxies present (`AUTH redmesh-peer <secret>`).
@@ -142,6 +146,9 @@ pub struct Serving {
     pub replica_ack_ms: Option<u32>,
     /// Per local node: whether the shard it masters has a replica to wait for.
     pub node_has_replica: [bool; 2],
+    /// Per local node: the peer holding the replica of the shard it masters
+    /// (index into `peers`), which takes the shard over if this proxy fails.
+    pub successors: [Option<u16>; 2],
     /// Every slot.
     pub slots: Vec<SlotEntry>,
     /// Ranges being moved out of this proxy.
@@ -190,6 +197,72 @@ impl Serving {
     }
 }
 
+/// What a proxy that stopped serving a cluster still knows of it, so the
+/// connections made for that cluster are sent on with `-MOVED` rather than
+/// refused: a client routing by an old slot map (one idle through a
+/// scale-in, or connected to a proxy that was paused and failed over) then
+/// refreshes its map, as it does when a Redis Cluster master has lost its
+/// slots. A `-CLUSTERDOWN` there kept redis-rs retrying the same proxy for
+/// ever. Kept, also once the proxy serves another cluster, until it leaves
+/// that one; a restarted process has none (its clients' connections broke,
+/// which makes them look again).
+#[derive(Debug)]
+pub struct Former {
+    /// The cluster's uid.
+    pub uid: Arc<str>,
+    /// Its name, for error replies.
+    pub name: ClusterName,
+    /// Its client protocol: plain-mode clients cannot follow a redirect.
+    pub client_mode: ClientMode,
+    /// Whether it requires a password (redirects go to authenticated
+    /// connections only).
+    pub password: bool,
+    /// Per slot: the proxy it is sent to (index into `to`).
+    slots: Vec<Option<u16>>,
+    /// Those proxies' plaintext and TLS addresses.
+    to: Vec<(Address, Option<Address>)>,
+}
+
+impl Former {
+    /// What `c` tells of where each slot goes once this proxy is gone: its
+    /// owner, or for this proxy's own slots, the peer holding their replica
+    /// (the failover target).
+    fn of(c: &Serving) -> Self {
+        let slots = c
+            .slots
+            .iter()
+            .map(|e| match e.route {
+                SlotRoute::Moved(i) => Some(i),
+                SlotRoute::Local(n) => c.successors[usize::from(n)],
+                SlotRoute::Down => None,
+            })
+            .collect();
+        Self {
+            uid: c.uid.clone(),
+            name: c.name.clone(),
+            client_mode: c.client_mode,
+            password: c.password_sha256.is_some(),
+            slots,
+            to: c
+                .peers
+                .iter()
+                .map(|p| (p.addr.clone(), p.tls_addr.clone()))
+                .collect(),
+        }
+    }
+
+    /// Where a client of this cluster finds `slot` now, as far as this
+    /// proxy knows.
+    pub fn redirect(&self, slot: Slot, tls: bool) -> Option<&Address> {
+        let i = (*self.slots.get(usize::from(slot))?)?;
+        let (addr, tls_addr) = self.to.get(usize::from(i))?;
+        Some(match tls_addr {
+            Some(a) if tls => a,
+            _ => addr,
+        })
+    }
+}
+
 /// Tables replaced by newer ones, watched until everything routed by them
 /// is done (requests hold their table until then): a migration batch must
 /// not copy a key that a request routed without the key locks may still
@@ -235,6 +308,8 @@ pub struct RouteTable {
     pub epoch: u64,
     /// The cluster served, or `Err(reason)` when not serving.
     pub serving: Result<Serving, String>,
+    /// When not serving: the cluster served last, if any.
+    pub former: Option<Arc<Former>>,
 }
 
 /// Where the table finds connections: one `Link` per address and identity,
@@ -252,6 +327,7 @@ impl RouteTable {
         Self {
             epoch: 0,
             serving: Err("the proxy has not received its topology yet".into()),
+            former: None,
         }
     }
 
@@ -263,6 +339,7 @@ impl RouteTable {
                 "proxy {} is not registered with the broker",
                 view.proxy_id
             )),
+            former: None,
         }
     }
 
@@ -271,7 +348,20 @@ impl RouteTable {
         Self {
             epoch: view.epoch(),
             serving: build_serving(view, links, reports),
+            former: None,
         }
+    }
+
+    /// This table as the one after `prev`: a proxy keeps what it knew of
+    /// the last cluster it served other than the one it serves now.
+    pub fn after(mut self, prev: &RouteTable) -> Self {
+        let now = self.serving.as_ref().ok().map(|c| &c.uid);
+        let former = match &prev.serving {
+            Ok(p) if now != Some(&p.uid) => Some(Arc::new(Former::of(p))),
+            _ => prev.former.clone(),
+        };
+        self.former = former.filter(|f| now != Some(&f.uid));
+        self
     }
 }
 
@@ -413,6 +503,19 @@ fn build_serving(
         .filter(|&n| slots.iter().any(|e| e.route == SlotRoute::Local(n)))
         .collect();
     let pubsub_node = local_masters.first().copied();
+    let successors = [0u8, 1].map(|n| {
+        cluster
+            .shards
+            .iter()
+            .find(|s| &s.master.proxy_id == me && s.master.node_index == n)
+            .and_then(|s| {
+                s.replicas
+                    .iter()
+                    .filter(|r| &r.proxy_id != me)
+                    .find_map(|r| peer_index(&r.proxy_id))
+            })
+            .map(|i| i as u16)
+    });
     let node_has_replica = [0u8, 1].map(|n| {
         cluster
             .shards
@@ -465,6 +568,7 @@ fn build_serving(
     ));
     Ok(Serving {
         name: cluster.name.clone(),
+        uid: Arc::from(cluster.uid.as_str()),
         password_sha256: cluster.config.password_sha256,
         peer_secret: cluster.peer_secret.clone(),
         client_mode: cluster.config.client_mode,
@@ -473,6 +577,7 @@ fn build_serving(
         replica_ack_ms: (cluster.config.durability == Durability::ReplicaAck)
             .then_some(cluster.config.replica_ack_timeout_ms.max(1)),
         node_has_replica,
+        successors,
         slots,
         outgoing,
         peers,

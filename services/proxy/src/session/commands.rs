@@ -57,6 +57,22 @@ const SUBSCRIBE_CONTEXT: &[&str] = &[
     "reset",
 ];
 
+/// Commands a connection may send whatever cluster the proxy serves: they
+/// touch no cluster's data.
+const CONNECTION_LEVEL: [&str; 11] = [
+    "ping",
+    "echo",
+    "quit",
+    "reset",
+    "select",
+    "auth",
+    "hello",
+    "asking",
+    "readonly",
+    "readwrite",
+    "client",
+];
+
 /// Decides what to do with one request. `idle`: no reply is pending.
 pub(super) fn dispatch(
     shared: &Shared,
@@ -76,12 +92,22 @@ pub(super) fn dispatch(
         s.tx.fail_if_queuing();
         return ready(wrong_arity(cmd), s);
     }
-    let serving = table.serving.as_ref().ok();
+    let current = table.serving.as_ref().ok();
+    if let (None, Some(c)) = (&s.cluster, current) {
+        s.cluster = Some(c.uid.clone());
+    }
+    // Only the cluster the connection is for serves it: a proxy moved to
+    // another tenant's cluster must not serve it to this connection.
+    let serving = current.filter(|c| s.cluster.as_deref() == Some(&*c.uid));
     let needs_auth = serving.is_some_and(|c| c.password_sha256.is_some());
     if needs_auth && !s.authenticated && !cmd.has(flags::NO_AUTH) {
         return ready(err("NOAUTH Authentication required."), s);
     }
     let top = top_name(cmd);
+    if serving.is_none() && s.cluster.is_some() && !CONNECTION_LEVEL.contains(&top) {
+        s.tx.fail_if_queuing();
+        return ready(route::stray(table, s, cmd, args), s);
+    }
     if s.subs.active() && s.protocol == Protocol::Resp2 && !SUBSCRIBE_CONTEXT.contains(&top) {
         return ready(
             err(format!(
@@ -126,8 +152,10 @@ pub(super) fn dispatch(
             },
             s,
         ),
-        "auth" => ready(auth(s, serving, &args[1..]), s),
-        "hello" => ready(hello(s, serving, &args[1..]), s),
+        // Against the cluster served now: authenticating with its password
+        // makes the connection one of its own.
+        "auth" => ready(auth(s, current, &args[1..]), s),
+        "hello" => ready(hello(s, current, &args[1..]), s),
         "asking" => {
             s.asking = true;
             ready(Frame::ok(), s)
@@ -181,6 +209,7 @@ fn reset(s: &mut Session) {
     s.protocol = Protocol::Resp2;
     s.name = None;
     s.authenticated = false;
+    s.cluster = None;
     s.peer = false;
 }
 
@@ -201,12 +230,13 @@ fn auth(s: &mut Session, serving: Option<&Serving>, args: &[Bytes]) -> Frame {
             Some(c) if !c.peer_secret.is_empty() && same_secret(pass, c.peer_secret.as_bytes()) => {
                 s.peer = true;
                 s.authenticated = true;
+                s.cluster = Some(c.uid.clone());
                 Frame::ok()
             }
             _ => wrongpass(),
         };
     }
-    let Some(want) = serving.and_then(|c| c.password_sha256) else {
+    let Some((uid, want)) = serving.and_then(|c| Some((&c.uid, c.password_sha256?))) else {
         return err(
             "ERR AUTH <password> called without any password configured for the default user. \
              Are you sure your configuration is correct?",
@@ -215,6 +245,7 @@ fn auth(s: &mut Session, serving: Option<&Serving>, args: &[Bytes]) -> Frame {
     let user_ok = user.is_none_or(|u| u.as_ref() == b"default");
     if user_ok && same_secret(&password_digest(pass), &want) {
         s.authenticated = true;
+        s.cluster = Some(uid.clone());
         Frame::ok()
     } else {
         wrongpass()
@@ -252,7 +283,9 @@ fn hello(s: &mut Session, serving: Option<&Serving>, args: &[Bytes]) -> Frame {
             other => return err(format!("ERR Syntax error in HELLO option '{other}'")),
         }
     }
-    if serving.is_some_and(|c| c.password_sha256.is_some()) && !s.authenticated {
+    let authenticated =
+        s.authenticated && serving.is_some_and(|c| s.cluster.as_deref() == Some(&*c.uid));
+    if serving.is_some_and(|c| c.password_sha256.is_some()) && !authenticated {
         return err("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time");
     }
     if name.is_some() {

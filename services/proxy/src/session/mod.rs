@@ -167,7 +167,12 @@ pub(crate) struct Session {
     pub listener: ListenerMode,
     /// Connected over TLS: peers are shown at their TLS addresses.
     pub tls: bool,
+    /// Authenticated for the cluster in `cluster`.
     pub authenticated: bool,
+    /// Uid of the cluster this connection is for: the first one that served
+    /// it (or that it authenticated with). Should this proxy serve another
+    /// cluster later, the connection gets none of that one's keys.
+    pub cluster: Option<std::sync::Arc<str>>,
     /// Authenticated as a peer proxy: cluster semantics always, PUBLISH
     /// stays local.
     pub peer: bool,
@@ -330,6 +335,7 @@ async fn serve_io<R, W>(
         listener,
         tls,
         authenticated: false,
+        cluster: None,
         peer: false,
         protocol: Protocol::Resp2,
         name: None,

@@ -32,6 +32,45 @@ fn not_serving(table: &RouteTable) -> Frame {
     }
 }
 
+/// The reply to a connection made for a cluster this proxy no longer
+/// serves: a cluster client is sent on to where the key's slot went, as far
+/// as this proxy knows (docs/ARCHITECTURE.md); anything else is refused.
+pub(super) fn stray(table: &RouteTable, s: &Session, cmd: &CommandInfo, args: &[Bytes]) -> Frame {
+    let former = table
+        .former
+        .as_deref()
+        .filter(|f| s.cluster.as_deref() == Some(&*f.uid));
+    let Some(f) = former else {
+        return err(
+            "CLUSTERDOWN this connection was made for a cluster this proxy no longer serves; \
+             connect to one of its members",
+        );
+    };
+    if f.password && !s.authenticated {
+        return err("NOAUTH Authentication required.");
+    }
+    let redirectable = !s.peer
+        && s.listener == super::ListenerMode::Configured
+        && f.client_mode == redmesh_model::ClientMode::Cluster;
+    let slot = routing_positions(cmd, args)
+        .ok()
+        .and_then(|p| args.get(*p.first()?))
+        .map(|key| key_slot(key));
+    match slot.filter(|_| redirectable) {
+        Some(slot) => match f.redirect(slot, s.tls) {
+            Some(addr) => err(format!("MOVED {slot} {addr}")),
+            None => err(format!(
+                "CLUSTERDOWN slot {slot} of cluster {} has no owner this proxy knows of",
+                f.name
+            )),
+        },
+        None => err(format!(
+            "CLUSTERDOWN this proxy no longer serves cluster {}; connect to one of its members",
+            f.name
+        )),
+    }
+}
+
 /// Commands that must not pass: they reconfigure or bypass the servers
 /// redmesh manages, or need a database other than 0.
 fn refusal(cmd: &CommandInfo) -> Option<String> {
