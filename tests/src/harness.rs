@@ -337,6 +337,21 @@ pub fn redis_cli<S: AsRef<std::ffi::OsStr>>(port: u16, args: &[S]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// `GET path` on `addr` (HTTP/1.0, so the body ends with the connection).
+pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP header")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{}: {body}", head.lines().next().unwrap_or("")));
+    }
+    Ok(body.to_owned())
+}
+
 /// A plain redis-server (no persistence) on a free port.
 pub struct Redis {
     /// `127.0.0.1:PORT`.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redmesh_api::v1;
-use redmesh_e2e::harness::{env_or, eventually};
+use redmesh_e2e::harness::{env_or, eventually, http_get};
 use redmesh_e2e::system::patient_cluster_client;
 use redmesh_e2e::{Service, System};
 
@@ -318,6 +318,7 @@ async fn stall_report(sys: &System, c: &v1::Cluster) -> String {
             p.id, p.resp
         ));
     }
+    out.push(set_results(sys).await);
     // Asked twice: from this (the test's own) thread, and from a task on
     // the runtime's workers, where the writers run. A fresh client was seen
     // to succeed from here while the writers' new clients timed out.
@@ -340,6 +341,49 @@ async fn stall_report(sys: &System, c: &v1::Cluster) -> String {
         }
     ));
     out.join("\n")
+}
+
+/// The SETs each proxy answered in 2 s, by result, from its metrics: where
+/// the writers' requests go and what they get there.
+async fn set_results(sys: &System) -> String {
+    let sample = || -> Vec<BTreeMap<String, f64>> {
+        sys.proxies
+            .iter()
+            .map(|p| {
+                let text = http_get(&p.metrics, "/metrics").unwrap_or_default();
+                text.lines()
+                    .filter(|l| {
+                        l.starts_with("redmesh_proxy_commands_total{")
+                            && l.contains("command=\"set\"")
+                    })
+                    .filter_map(|l| {
+                        let (labels, value) = l.rsplit_once(' ')?;
+                        let result = labels.split("result=\"").nth(1)?.split('"').next()?;
+                        Some((result.to_owned(), value.parse().ok()?))
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let before = sample();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = sample();
+    let lines: Vec<String> = sys
+        .proxies
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|(p, (b, a))| {
+            let delta: Vec<String> = a
+                .iter()
+                .map(|(r, v)| format!("{r} {}", v - b.get(r).copied().unwrap_or(0.0)))
+                .collect();
+            format!("  {}: {}", p.id, delta.join(", "))
+        })
+        .collect();
+    format!(
+        "SETs answered in 2 s, by proxy and result:\n{}",
+        lines.join("\n")
+    )
 }
 
 /// Ten SETs through a new client of every proxy, each with its time.

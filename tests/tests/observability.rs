@@ -7,13 +7,12 @@
 
 use std::collections::BTreeSet;
 use std::future::ready;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use redmesh_api::v1::{self, migrator_client::MigratorClient, MigrationState};
-use redmesh_e2e::harness::{eventually, raw_exchange};
+use redmesh_e2e::harness::{eventually, http_get, raw_exchange};
 use redmesh_e2e::{free_port, Child, System};
 
 fn repo() -> PathBuf {
@@ -21,21 +20,6 @@ fn repo() -> PathBuf {
         .parent()
         .expect("repository root")
         .to_owned()
-}
-
-/// `GET path` on `addr` (HTTP/1.0, so the body ends with the connection).
-fn http_get(addr: &str, path: &str) -> Result<String, String> {
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP header")?;
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("{}: {body}", head.lines().next().unwrap_or("")));
-    }
-    Ok(body.to_owned())
 }
 
 fn percent_encode(s: &str) -> String {
