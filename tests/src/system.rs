@@ -629,3 +629,25 @@ pub async fn coordinator_status(svc: &Service) -> v1::GetStatusResponse {
         .expect("status")
         .into_inner()
 }
+
+/// Whether the health-checker `svc` has probed every target of each proxy
+/// in `ids` (its RESP and admin listeners, both Redis nodes) and found it up.
+pub async fn checker_sees_up(svc: &Service, ids: &[String]) -> bool {
+    let Ok(endpoint) = redmesh_runtime::tls::endpoint(&svc.url()) else {
+        return false;
+    };
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    let report = v1::health_checker_client::HealthCheckerClient::new(channel)
+        .get_report(v1::GetReportRequest::default())
+        .await;
+    let Ok(report) = report else {
+        return false;
+    };
+    let targets = report.into_inner().targets;
+    ids.iter().all(|id| {
+        let of: Vec<_> = targets.iter().filter(|t| &t.proxy_id == id).collect();
+        of.len() >= 4 && of.iter().all(|t| t.status() == v1::HealthStatus::Up)
+    })
+}

@@ -17,7 +17,7 @@ use std::time::Duration;
 use redmesh_api::v1;
 use redmesh_e2e::harness::{bin_path, eventually, redis_py_cluster};
 use redmesh_e2e::pki::Pki;
-use redmesh_e2e::system::{Service, System};
+use redmesh_e2e::system::{checker_sees_up, Service, System};
 use redmesh_e2e::Etcd;
 use tokio_rustls::rustls;
 
@@ -202,8 +202,20 @@ async fn every_grpc_call_runs_over_mutual_tls() {
     // Health-checkers → proxies, coordinator: a killed proxy is replaced
     // from the pool (a checker that could not probe over TLS would see
     // every proxy as failed instead).
-    let (_checkers, _co) = sys.start_control_plane().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (checkers, _co) = sys.start_control_plane().await;
+    let ids: Vec<String> = grown
+        .chunks
+        .iter()
+        .flat_map(|ch| ch.proxy_ids.clone())
+        .collect();
+    for hc in &checkers {
+        eventually(
+            "every checker to find every member up over TLS",
+            Duration::from_secs(20),
+            || async { checker_sees_up(hc, &ids).await.then_some(()) },
+        )
+        .await;
+    }
     let (c, _) = sys.get_cluster("tls").await;
     assert_eq!(c.chunks, grown.chunks, "healthy proxies were failed over");
     let victim = sys
