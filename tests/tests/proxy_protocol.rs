@@ -226,6 +226,67 @@ async fn flushall_empties_the_keys_but_keeps_the_nodes_claimed() {
     );
 }
 
+/// Scripts and transactions run inside Redis, past the proxy's command
+/// checks: they must not reach redmesh's database 1 (the ownership marker),
+/// flush every database, or reconfigure the node. Losing the marker would
+/// make the proxy stop serving the shard; one client must not be able to
+/// do that to every tenant of the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_and_transactions_cannot_touch_what_redmesh_keeps_in_redis() {
+    let sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("inside", 4, v1::ClusterConfig::default())
+        .await;
+    let proxy = sys.members(&cluster)[0];
+    let attempts: [&[u8]; 5] = [
+        b"EVAL \"redis.call('select', 1) return redis.call('flushdb')\" 0\r\n",
+        b"EVAL \"return redis.call('flushall')\" 0\r\n",
+        b"EVAL \"return redis.call('config', 'set', 'maxmemory', '1')\" 0\r\n",
+        b"EVAL \"return redis.call('replicaof', 'no', 'one')\" 0\r\n",
+        b"MULTI\r\nSELECT 1\r\nFLUSHDB\r\nEXEC\r\n",
+    ];
+    for request in attempts {
+        let reply = text(&raw_exchange(&proxy.plain, request).unwrap());
+        assert!(
+            reply.contains("can't run this command")
+                || reply.contains("not allowed from script")
+                || reply.contains("not allowed through redmesh"),
+            "{}: {reply}",
+            text(request)
+        );
+    }
+    // A function's body runs only when called, as the same user.
+    let load = text(&raw_exchange(&proxy.plain, b"FUNCTION LOAD \"#!lua name=evil\\nredis.register_function('evil', function() redis.call('select', 1) return redis.call('flushdb') end)\"\r\n").unwrap());
+    assert!(load.contains("evil"), "FUNCTION LOAD: {load}");
+    let fcall = text(&raw_exchange(&proxy.plain, b"FCALL evil 0\r\n").unwrap());
+    assert!(
+        fcall.contains("can't run this command"),
+        "FCALL evil: {fcall}"
+    );
+    for p in sys.members(&cluster) {
+        for node in &p.redis {
+            let marker = redis_cli(node.port, &["-n", "1", "GET", "redmesh:cluster-uid"]);
+            assert_eq!(marker, cluster.uid, "{} lost its marker", node.addr);
+            let maxmemory = redis_cli(node.port, &["CONFIG", "GET", "maxmemory"]);
+            assert!(maxmemory.ends_with("\n0"), "{}: {maxmemory}", node.addr);
+        }
+    }
+    // Ordinary scripts, transactions and FLUSHDB still work.
+    let ok = text(
+        &raw_exchange(
+            &proxy.plain,
+            b"EVAL \"redis.call('set', KEYS[1], 'v') return redis.call('get', KEYS[1])\" 1 s1\r\n\
+              MULTI\r\nSET s1 w\r\nEXEC\r\nFLUSHDB\r\nSET s2 v\r\n",
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        ok, "$1\r\nv\r\n+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n+OK\r\n+OK\r\n",
+        "{ok}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_password_is_enforced() {
     let sys = System::start(2);

@@ -356,7 +356,9 @@ async fn reconcile_loop(
     opts: BackendOptions,
     shutdown: CancellationToken,
 ) {
-    let mut links = LinkPool::new(opts);
+    // Chosen per process: a restarted proxy sets its own on its nodes.
+    let client_password = nodes::ClientPassword::random();
+    let mut links = LinkPool::new(opts, client_password.identity());
     let mut current: Option<Arc<ProxyView>> = None;
     let mut applied: Option<(nodes::Plan, Vec<NodeReport>)> = None;
     let mut served = std::collections::HashSet::new();
@@ -399,7 +401,7 @@ async fn reconcile_loop(
             {
                 reports.clone()
             }
-            _ => nodes::apply(&plan, &admins, &mut served).await,
+            _ => nodes::apply(&plan, &admins, &mut served, &client_password).await,
         };
         *reports_out.lock().unwrap_or_else(|e| e.into_inner()) = reports.clone();
         let table = RouteTable::build(&view, &mut links, &reports).after(&table_tx.borrow());
@@ -421,31 +423,41 @@ async fn reconcile_loop(
 /// any more are dropped after each build (closing their connections).
 struct LinkPool {
     opts: BackendOptions,
+    /// Identity of client traffic to local nodes.
+    client: (String, String),
     nodes: HashMap<String, Link>,
+    /// Other proxies' nodes (migration targets).
+    remote: HashMap<String, Link>,
     peers: HashMap<(String, String), Link>,
     used_nodes: std::collections::HashSet<String>,
+    used_remote: std::collections::HashSet<String>,
     used_peers: std::collections::HashSet<(String, String)>,
 }
 
 impl LinkPool {
-    fn new(opts: BackendOptions) -> Self {
+    fn new(opts: BackendOptions, client: (String, String)) -> Self {
         Self {
             opts,
+            client,
             nodes: HashMap::new(),
+            remote: HashMap::new(),
             peers: HashMap::new(),
             used_nodes: Default::default(),
+            used_remote: Default::default(),
             used_peers: Default::default(),
         }
     }
 
     fn begin(&mut self) {
         self.used_nodes.clear();
+        self.used_remote.clear();
         self.used_peers.clear();
     }
 
     fn finish(&mut self) {
-        let (un, up) = (&self.used_nodes, &self.used_peers);
+        let (un, ur, up) = (&self.used_nodes, &self.used_remote, &self.used_peers);
         self.nodes.retain(|k, _| un.contains(k));
+        self.remote.retain(|k, _| ur.contains(k));
         self.peers.retain(|k, _| up.contains(k));
     }
 }
@@ -454,9 +466,19 @@ impl routing::Links for LinkPool {
     fn node(&mut self, addr: &str) -> Link {
         self.used_nodes.insert(addr.to_owned());
         let opts = self.opts;
+        let client = &self.client;
         self.nodes
             .entry(addr.to_owned())
-            .or_insert_with(|| Link::new(addr, None, opts))
+            .or_insert_with(|| Link::node(addr, Some(client.clone()), opts))
+            .clone()
+    }
+
+    fn remote_node(&mut self, addr: &str) -> Link {
+        self.used_remote.insert(addr.to_owned());
+        let opts = self.opts;
+        self.remote
+            .entry(addr.to_owned())
+            .or_insert_with(|| Link::node(addr, None, opts))
             .clone()
     }
 
@@ -469,7 +491,7 @@ impl routing::Links for LinkPool {
             .or_insert_with(|| {
                 Link::new(
                     addr,
-                    Some((routing::PEER_USER.to_owned(), secret.to_owned())),
+                    (routing::PEER_USER.to_owned(), secret.to_owned()),
                     opts,
                 )
             })

@@ -232,10 +232,85 @@ fn hex_sha256(text: &str) -> String {
 /// Set only when missing or different: a user is not rewritten under the
 /// replica connected as it.
 async fn ensure_repl_user(node: &Backend, password: &ReplPassword) -> Result<(), String> {
-    let password = password.0.as_str();
+    ensure_user(
+        node,
+        REPL_USER,
+        password.0.as_str(),
+        &["+psync", "+replconf", "+ping"],
+    )
+    .await
+}
+
+/// The Redis user client traffic runs as. Scripts, functions and
+/// transactions run inside Redis, past the proxy's command checks; as this
+/// user they cannot reach database 1 (the ownership marker: losing it makes
+/// the proxy stop serving the node), flush every database, or run
+/// administrative commands (`CONFIG`, `REPLICAOF`, `DEBUG`, `SHUTDOWN`,
+/// `ACL`…). The proxy's own work runs as the default user.
+pub const CLIENT_USER: &str = "redmesh-client";
+
+/// What [`CLIENT_USER`] may do: everything but the above. (`CLIENT
+/// UNBLOCK` is administrative, and the proxy sends it to end a blocked
+/// command whose slot moved; clients cannot send it, nor call it from a
+/// script.)
+const CLIENT_RULES: &[&str] = &[
+    "~*",
+    "&*",
+    "+@all",
+    "-@admin",
+    "+client|unblock",
+    "-flushall",
+    "-select",
+    "+select|0",
+    "-swapdb",
+    "-move",
+    "-migrate",
+];
+
+/// The password of [`CLIENT_USER`] on this proxy's nodes, chosen at random
+/// per process. (Debug does not show it.)
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientPassword(String);
+
+impl ClientPassword {
+    /// A new random password.
+    pub fn random() -> Self {
+        Self(format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        ))
+    }
+
+    /// `(user, password)` for a connection's handshake.
+    pub fn identity(&self) -> (String, String) {
+        (CLIENT_USER.to_owned(), self.0.clone())
+    }
+}
+
+impl std::fmt::Debug for ClientPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientPassword(…)")
+    }
+}
+
+/// Makes `node` serve client traffic as [`CLIENT_USER`].
+async fn ensure_client_user(node: &Backend, password: &ClientPassword) -> Result<(), String> {
+    ensure_user(node, CLIENT_USER, &password.0, CLIENT_RULES).await
+}
+
+/// Creates or resets user `name` with `password` and `rules`, only when
+/// it is missing or has another password: a user is not rewritten under
+/// the connections authenticated as it.
+async fn ensure_user(
+    node: &Backend,
+    name: &str,
+    password: &str,
+    rules: &[&str],
+) -> Result<(), String> {
     let digest = hex_sha256(password);
     let user = reply_ok(
-        node.call(&["ACL", "GETUSER", REPL_USER])
+        node.call(&["ACL", "GETUSER", name])
             .await
             .map_err(backend_err)?,
         "ACL GETUSER",
@@ -259,23 +334,9 @@ async fn ensure_repl_user(node: &Backend, password: &ReplPassword) -> Result<(),
         return Ok(());
     }
     let pass = format!(">{password}");
-    reply_ok(
-        node.call(&[
-            "ACL",
-            "SETUSER",
-            REPL_USER,
-            "reset",
-            "on",
-            &pass,
-            "+psync",
-            "+replconf",
-            "+ping",
-        ])
-        .await
-        .map_err(backend_err)?,
-        "ACL SETUSER",
-    )
-    .map(|_| ())
+    let mut args = vec!["ACL", "SETUSER", name, "reset", "on", pass.as_str()];
+    args.extend_from_slice(rules);
+    reply_ok(node.call(&args).await.map_err(backend_err)?, "ACL SETUSER").map(|_| ())
 }
 
 /// Whether `node` holds cluster `uid`'s marker.
@@ -432,6 +493,7 @@ pub async fn apply(
     plan: &Plan,
     nodes: &[Backend; 2],
     served: &mut std::collections::HashSet<(String, String)>,
+    client: &ClientPassword,
 ) -> Vec<NodeReport> {
     let mut out = Vec::new();
     if !matches!(plan, Plan::Serve { .. } | Plan::Untouched) {
@@ -467,11 +529,15 @@ pub async fn apply(
             nodes: tasks,
         } => {
             for (node, task) in nodes.iter().zip(tasks) {
-                let outcome = match (&task.role, &task.master) {
-                    (NodeRole::Master { .. }, _) => {
-                        let key = (node.addr().to_owned(), uid.clone());
-                        let was_served = served.contains(&key);
-                        let outcome = async {
+                // Client traffic runs as the restricted user: no node is
+                // served before it exists.
+                let outcome = match ensure_client_user(node, client).await {
+                    Err(e) => Err(e),
+                    Ok(()) => match (&task.role, &task.master) {
+                        (NodeRole::Master { .. }, _) => {
+                            let key = (node.addr().to_owned(), uid.clone());
+                            let was_served = served.contains(&key);
+                            let outcome = async {
                             ensure_master(node, uid).await?;
                             if was_served && !has_marker_of(node, uid).await? {
                                 return Err(format!(
@@ -484,18 +550,19 @@ pub async fn apply(
                             ensure_repl_user(node, repl_password).await
                         }
                         .await;
-                        if outcome.is_ok() {
-                            served.insert(key);
+                            if outcome.is_ok() {
+                                served.insert(key);
+                            }
+                            outcome
                         }
-                        outcome
-                    }
-                    (NodeRole::Replica { .. }, Some(Ok(addr))) => {
-                        ensure_replica_of(node, addr.host(), addr.port(), repl_password).await
-                    }
-                    (NodeRole::Replica { .. }, Some(Err(why))) => Err(why.clone()),
-                    // Leave an idle node's data and replication alone: it
-                    // may be the last copy after a failure.
-                    _ => Ok(()),
+                        (NodeRole::Replica { .. }, Some(Ok(addr))) => {
+                            ensure_replica_of(node, addr.host(), addr.port(), repl_password).await
+                        }
+                        (NodeRole::Replica { .. }, Some(Err(why))) => Err(why.clone()),
+                        // Leave an idle node's data and replication alone: it
+                        // may be the last copy after a failure.
+                        _ => Ok(()),
+                    },
                 };
                 if let Err(e) = &outcome {
                     tracing::warn!(node = node.addr(), error = %e, "local node not ready");

@@ -317,6 +317,9 @@ pub struct RouteTable {
 pub trait Links {
     /// Links to a local Redis node.
     fn node(&mut self, addr: &str) -> Link;
+    /// Links to another proxy's Redis node (a migration target), as its
+    /// default user: moving keys is the proxy's own work.
+    fn remote_node(&mut self, addr: &str) -> Link;
     /// Links to a peer proxy, authenticated with the cluster's peer secret.
     fn peer(&mut self, addr: &str, secret: &str) -> Link;
 }
@@ -460,20 +463,25 @@ fn build_serving(
                 replica = None;
                 if source_here {
                     migrating = peer_index(&target.master.proxy_id).map(|i| i as u16);
-                    let target_addr = if target_here {
-                        proxy.spec.redis_nodes.get(usize::from(target_node))
+                    let target_link = if target_here {
+                        proxy
+                            .spec
+                            .redis_nodes
+                            .get(usize::from(target_node))
+                            .map(|a| links.node(a.as_str()))
                     } else {
                         view.member(&target.master.proxy_id)
                             .and_then(|p| p.spec.redis_nodes.get(usize::from(target_node)))
+                            .map(|a| links.remote_node(a.as_str()))
                     };
-                    if let Some(addr) = target_addr {
+                    if let Some(target_link) = target_link {
                         outgoing.push(Outgoing {
                             range: a.range,
                             task_id: m.task_id.clone(),
                             node: shard.master.node_index,
                             source: nodes[usize::from(shard.master.node_index)].clone(),
                             source_has_replica: !shard.replicas.is_empty(),
-                            target: links.node(addr.as_str()),
+                            target: target_link,
                             target_has_replica: !target.replicas.is_empty(),
                         });
                     }
