@@ -37,6 +37,9 @@ pub struct Actor {
     pub events: EventLog,
     /// Minimum agreeing checkers.
     pub min_votes: usize,
+    /// How long a failure must have been seen before a promotion (the
+    /// proxies' fencing time; see `Config::fence_wait`).
+    pub fence_wait: Duration,
     /// Test hook: exit right after committing a promotion, before replacing.
     pub exit_after_promotion: bool,
 }
@@ -103,7 +106,7 @@ impl Actor {
                 _ = wait => {}
             }
             match self.evaluate(leadership, &mut incidents).await {
-                Ok(()) => retry_in = None,
+                Ok(wake) => retry_in = wake,
                 Err(MetaError::GuardFailed(_)) => {
                     tracing::warn!("leadership lost while acting; stopping");
                     return;
@@ -117,11 +120,14 @@ impl Actor {
         }
     }
 
+    /// Acts on the current state; returns when to look again if nothing
+    /// changes (a failure waiting out the fencing time).
     async fn evaluate(
         &self,
         leadership: &Leadership,
         inc: &mut Incidents,
-    ) -> Result<(), MetaError> {
+    ) -> Result<Option<Duration>, MetaError> {
+        let mut wake: Option<Duration> = None;
         let snap = self.repo.snapshot().await?;
         let votes = Votes::read(&*self.store, &self.keys, self.min_votes).await?;
         metrics::gauge!("redmesh_coordinator_live_checkers").set(votes.live.len() as f64);
@@ -147,6 +153,17 @@ impl Actor {
                             &reason,
                         ))
                         .await;
+                }
+                // The proxy may only be cut off from the control plane, not
+                // from its clients: its shards move once it has surely
+                // fenced itself (it lost the broker no later than the
+                // checkers lost it, and this leader saw that later still),
+                // or writes it takes in between are lost.
+                let waited = detected.elapsed();
+                if waited < self.fence_wait {
+                    let rest = self.fence_wait - waited;
+                    wake = Some(wake.map_or(rest, |w| w.min(rest)));
+                    continue;
                 }
                 match self
                     .fail_over(leadership, &cluster.name, pid, &votes, &reason)
@@ -226,7 +243,7 @@ impl Actor {
                 .filter(|p| p.state == ProxyState::Free)
                 .count() as f64,
         );
-        Ok(())
+        Ok(wake)
     }
 
     /// Commits the failover of `pid`: replicas promoted, the proxy marked

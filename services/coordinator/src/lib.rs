@@ -52,6 +52,12 @@ pub struct Config {
     /// live checkers is needed as well).
     #[arg(long, env = "REDMESH_COORDINATOR_MIN_VOTES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub min_votes: u32,
+    /// How long a proxy must have been seen failing before its shards are
+    /// promoted elsewhere: at least the proxies' `--fence-after`, so a
+    /// proxy cut off from the control plane but not from its clients has
+    /// stopped taking writes first.
+    #[arg(long, env = "REDMESH_COORDINATOR_FENCE_WAIT", default_value = "750ms", value_parser = humantime::parse_duration)]
+    pub fence_wait: Duration,
     /// Test hook: exit right after committing a promotion, before the
     /// replacement, to exercise resumption by the next leader.
     #[arg(
@@ -106,6 +112,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         keys: keys.clone(),
         events: events::EventLog::new(store.clone(), keys.clone()),
         min_votes: config.min_votes as usize,
+        fence_wait: config.fence_wait,
         exit_after_promotion: config.test_exit_after_promotion,
     };
     let election = Election::new(store.clone(), keys.election("coordinator"));
