@@ -49,6 +49,29 @@ else
   say "node/npm not installed: the examples/node and buf tests will skip"
 fi
 
+# The network-partition test needs root, a writable cgroup2 hierarchy and
+# nftables. Where this machine has them, it must run (not skip).
+[ "$(id -u)" != 0 ] || ensure_packages nft:nftables
+cg2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
+probe="redmesh_probe_$$"
+case "$cg2" in /sys/fs/cgroup*) ;; *) cg2= ;; esac # where nft looks
+if [ "$(id -u)" = 0 ] && [ -n "$cg2" ] && mkdir "$cg2/$probe" 2>/dev/null; then
+  rel=${cg2#/sys/fs/cgroup}
+  rel=${rel#/}
+  rel=${rel:+$rel/}
+  if nft -f - 2>/dev/null <<EOF; then
+add table inet $probe
+add chain inet $probe out { type filter hook output priority 0 ; }
+add rule inet $probe out socket cgroupv2 level 1 "$rel$probe" tcp dport 1 drop
+EOF
+    export REDMESH_REQUIRE_PARTITIONS=1
+  fi
+  nft delete table inet "$probe" 2>/dev/null
+  rmdir "$cg2/$probe"
+fi
+[ -n "${REDMESH_REQUIRE_PARTITIONS:-}" ] ||
+  say "no cgroup2 or nftables as root here: the network-partition test will skip"
+
 # One build per run: incremental caches would only fill the disk (they grew
 # to tens of GB here). Developers who rerun often can export
 # CARGO_INCREMENTAL=1 themselves.

@@ -3,6 +3,7 @@
 //! everything it started when dropped, even when a test panics.
 
 pub mod harness;
+pub mod netpart;
 pub mod pki;
 pub mod ports;
 pub mod process;

@@ -21,7 +21,10 @@ impl std::fmt::Debug for Child {
 
 impl Child {
     /// Spawns `cmd`, sending stdout and stderr to `log`.
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Self {
+    /// (Inside the cgroup of [`crate::netpart::Partitions::spawn_in`], if
+    /// one is set.)
+    pub fn spawn(name: &str, cmd: Command, log: &Path) -> Self {
+        let mut cmd = crate::netpart::wrap(cmd);
         let out =
             std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let err = out.try_clone().expect("clone log handle");
