@@ -742,7 +742,8 @@ async fn a_proxy_cut_off_from_the_control_plane_fences_itself_and_is_failed_over
             .collect();
         (
             checkers,
-            sys.start_service("redmesh-coordinator", "co-1", &["--fence-wait", fence]),
+            // 1.5 s less two probe intervals, as the default is 750 ms less.
+            sys.start_service("redmesh-coordinator", "co-1", &["--fence-wait", "1300ms"]),
         )
     });
     eventually("a coordinator leader", Duration::from_secs(20), || async {

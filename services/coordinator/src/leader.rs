@@ -156,9 +156,10 @@ impl Actor {
                 }
                 // The proxy may only be cut off from the control plane, not
                 // from its clients: its shards move once it has surely
-                // fenced itself (it lost the broker no later than the
-                // checkers lost it, and this leader saw that later still),
-                // or writes it takes in between are lost.
+                // fenced itself, or writes it takes in between are lost.
+                // It lost the broker no later than the checkers' first
+                // failed probe, which came at least (failures − 1) probe
+                // intervals before this leader saw the verdict.
                 let waited = detected.elapsed();
                 if waited < self.fence_wait {
                     let rest = self.fence_wait - waited;

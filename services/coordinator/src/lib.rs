@@ -53,10 +53,11 @@ pub struct Config {
     #[arg(long, env = "REDMESH_COORDINATOR_MIN_VOTES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub min_votes: u32,
     /// How long a proxy must have been seen failing before its shards are
-    /// promoted elsewhere: at least the proxies' `--fence-after`, so a
-    /// proxy cut off from the control plane but not from its clients has
-    /// stopped taking writes first.
-    #[arg(long, env = "REDMESH_COORDINATOR_FENCE_WAIT", default_value = "750ms", value_parser = humantime::parse_duration)]
+    /// promoted elsewhere, so that a proxy cut off from the control plane
+    /// but not from its clients has stopped taking writes first: at least
+    /// the proxies' `--fence-after` less (checkers' `--failures` − 1) ×
+    /// `--probe-interval` (750 ms − 2 × 100 ms by default).
+    #[arg(long, env = "REDMESH_COORDINATOR_FENCE_WAIT", default_value = "550ms", value_parser = humantime::parse_duration)]
     pub fence_wait: Duration,
     /// Test hook: exit right after committing a promotion, before the
     /// replacement, to exercise resumption by the next leader.

@@ -308,7 +308,7 @@ pub struct RouteTable {
     pub epoch: u64,
     /// The cluster served, or `Err(reason)` when not serving.
     pub serving: Result<Serving, String>,
-    /// When not serving: the cluster served last, if any.
+    /// The last cluster served other than the one served now, if any.
     pub former: Option<Arc<Former>>,
 }
 
