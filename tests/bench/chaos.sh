@@ -3,7 +3,8 @@
 # release binaries. Faults chosen at random, one at a time — kill -9 of a
 # serving proxy with its Redis nodes, SIGSTOP of a proxy, kills of the
 # coordinator leader, a migrator, a health-checker and the broker, etcd
-# restarts — while cluster clients write with replica_ack durability and the
+# restarts, and (as root, with cgroup2 and nftables) a proxy cut off from
+# the control plane while clients still reach it — while cluster clients write with replica_ack durability and the
 # cluster scales 4 -> 8 -> 4 nodes over and over. Prints the faults applied,
 # writes acknowledged and refused, acknowledged writes lost (must be 0) and
 # the slowest heal; fails if anything was lost or the cluster did not
@@ -12,6 +13,8 @@
 #
 #   REDMESH_BENCH_CHAOS_SECONDS=S  seconds of faults (default 600)
 #   REDMESH_BENCH_CHAOS_SEED=N     replay a run's fault choices (its seed is printed)
+#   REDMESH_BENCH_CHAOS_PARTITIONS=0  no partitions (default 1: where the
+#                                  machine allows them, skipped otherwise)
 #   REDMESH_BENCH_CHAOS_DURABILITY=async  run the cluster with async durability:
 #                                  acknowledged writes lost to failovers are
 #                                  counted and reported, not a failure
@@ -28,5 +31,6 @@ cd "$ROOT" || exit
 # lib.sh clears every other REDMESH_* variable.
 seed="${REDMESH_BENCH_CHAOS_SEED:-$(od -An -N8 -tu8 /dev/urandom | tr -d ' ')}"
 REDMESH_BIN_DIR="$BIN" REDMESH_CHAOS_SECONDS="$seconds" REDMESH_CHAOS_SEED="$seed" \
+  REDMESH_CHAOS_PARTITIONS="${REDMESH_BENCH_CHAOS_PARTITIONS:-1}" \
   REDMESH_CHAOS_DURABILITY="${REDMESH_BENCH_CHAOS_DURABILITY:-replica_ack}" \
   cargo test --quiet -p redmesh-e2e --test chaos -- --nocapture

@@ -352,6 +352,13 @@ pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
     Ok(body.to_owned())
 }
 
+/// The port of a `host:port` address.
+pub fn port_of(addr: &str) -> u16 {
+    addr.rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {addr}"))
+}
+
 /// A plain redis-server (no persistence) on a free port.
 pub struct Redis {
     /// `127.0.0.1:PORT`.

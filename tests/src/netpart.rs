@@ -125,6 +125,23 @@ impl Partitions {
         Ok(p)
     }
 
+    /// Partitions for a test, or `None` (saying why) where this machine
+    /// cannot partition processes; a panic then if
+    /// `REDMESH_REQUIRE_PARTITIONS=1` (`./tests/run.sh` sets it where the
+    /// machine can).
+    pub fn for_test() -> Option<Self> {
+        match Self::new() {
+            Ok(p) => Some(p),
+            Err(why) if std::env::var("REDMESH_REQUIRE_PARTITIONS").as_deref() == Ok("1") => {
+                panic!("REDMESH_REQUIRE_PARTITIONS=1, but: {why}")
+            }
+            Err(why) => {
+                eprintln!("this machine cannot partition processes, so no partitions: {why}");
+                None
+            }
+        }
+    }
+
     /// A new cgroup `name` (unique to this test process).
     pub fn group(&mut self, name: &str) -> Result<String, String> {
         let full = format!("redmesh-{}-{name}", std::process::id());

@@ -3,7 +3,9 @@
 //! scaled out and in, again and again. The faults: kill -9 a serving proxy
 //! with both its Redis nodes (a machine lost), SIGSTOP a serving proxy, kill
 //! the coordinator leader, a migrator, a health-checker, the broker, and
-//! restart etcd. Each fault is undone (the process restarted, the machine
+//! restart etcd, and — with `REDMESH_CHAOS_PARTITIONS=1`, where root,
+//! cgroup2 and nftables allow — cut a serving proxy off from the control
+//! plane while clients still reach it. Each fault is undone (the process restarted, the machine
 //! back as a free proxy) and the cluster must heal before the next. When the
 //! faults stop the cluster must converge to full redundancy with no task
 //! running, and every acknowledged write must read back with its value.
@@ -24,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redmesh_api::v1;
-use redmesh_e2e::harness::{env_or, eventually, http_get};
+use redmesh_e2e::harness::{env_or, eventually, http_get, port_of};
+use redmesh_e2e::netpart::Partitions;
 use redmesh_e2e::system::patient_cluster_client;
 use redmesh_e2e::{Service, System};
 
@@ -49,6 +52,9 @@ enum Fault {
     KillChecker,
     RestartBroker,
     RestartEtcd,
+    /// Cut a serving proxy off from the control plane (both ways) while
+    /// clients still reach it; drawn only where the machine can.
+    PartitionProxy,
 }
 
 const FAULTS: [Fault; 7] = [
@@ -71,7 +77,8 @@ struct Doing {
 
 const CLUSTER: &str = "chaos";
 
-/// The sequence `./tests/run.sh` replays: every kind of fault, 28 in 40 s.
+/// The sequence `./tests/run.sh` replays: every kind of fault but
+/// partitions, 28 in 40 s.
 const DEFAULT_SEED: u64 = 1_795_463_744_972_473_523;
 
 /// The cluster and its proxies, or `None` while the broker cannot say.
@@ -97,16 +104,27 @@ fn members(c: &v1::Cluster) -> Vec<String> {
 }
 
 /// Full redundancy: every shard has a master and a replica, and every
-/// member proxy is allocated (a migration may be running).
-fn whole(c: &v1::Cluster, proxies: &[v1::Proxy]) -> bool {
+/// member proxy is allocated (a migration may be running); or what lacks.
+fn whole(c: &v1::Cluster, proxies: &[v1::Proxy]) -> Result<(), String> {
     let ids = members(c);
-    c.shards
+    if let Some(s) = c
+        .shards
         .iter()
-        .all(|s| s.master.is_some() && s.replicas.len() == 1)
-        && proxies
-            .iter()
-            .filter(|p| p.spec.as_ref().is_some_and(|s| ids.contains(&s.id)))
-            .all(|p| p.state() == v1::ProxyState::Allocated)
+        .find(|s| s.master.is_none() || s.replicas.len() != 1)
+    {
+        return Err(format!(
+            "shard {} lacks a master or its replica: {s:?}",
+            s.id
+        ));
+    }
+    match proxies
+        .iter()
+        .filter(|p| p.spec.as_ref().is_some_and(|s| ids.contains(&s.id)))
+        .find(|p| p.state() != v1::ProxyState::Allocated)
+    {
+        Some(p) => Err(format!("member {p:?} is not allocated")),
+        None => Ok(()),
+    }
 }
 
 fn migrating(c: &v1::Cluster) -> bool {
@@ -119,34 +137,42 @@ fn migrating(c: &v1::Cluster) -> bool {
 /// (`master_link_status:up`, no sync in progress), asked of the Redis nodes
 /// themselves: the cluster record shows a new replica at once, but until its
 /// first sync completes it holds nothing, and losing its master then loses
-/// the shard (the proxy rightly refuses to promote an unsynced node).
-async fn replicas_synced(sys: &System, c: &v1::Cluster) -> bool {
+/// the shard (the proxy rightly refuses to promote an unsynced node). Or
+/// the replica still syncing, and how it stands.
+async fn replicas_synced(sys: &System, c: &v1::Cluster) -> Result<(), String> {
     for replica in c.shards.iter().flat_map(|s| s.replicas.iter()) {
-        let Some(p) = sys.proxies.iter().find(|p| p.id == replica.proxy_id) else {
-            return false;
-        };
-        let Some(node) = p.redis.get(replica.node_index as usize) else {
-            return false;
-        };
-        let Ok(client) = redis::Client::open(format!("redis://{}", node.addr)) else {
-            return false;
-        };
-        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-            return false;
-        };
-        let info: String = match redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut conn)
-            .await
-        {
-            Ok(i) => i,
-            Err(_) => return false,
-        };
+        let node = sys
+            .proxies
+            .iter()
+            .find(|p| p.id == replica.proxy_id)
+            .and_then(|p| p.redis.get(replica.node_index as usize))
+            .ok_or_else(|| format!("replica {replica:?} is no node of the system"))?;
+        let info = ask(&node.addr, redis::cmd("INFO").arg("replication")).await;
         if !(info.contains("master_link_status:up") && info.contains("master_sync_in_progress:0")) {
-            return false;
+            // And its master's side, for the failure message.
+            let field = |name: &str| {
+                info.split(&format!("{name}:"))
+                    .nth(1)
+                    .and_then(|rest| rest.split("\\r\\n").next())
+                    .unwrap_or("?")
+                    .to_owned()
+            };
+            let master = format!("{}:{}", field("master_host"), field("master_port"));
+            let owner = sys
+                .proxies
+                .iter()
+                .find(|p| p.redis.iter().any(|r| r.addr == master))
+                .map_or("no proxy's".to_owned(), |p| p.id.clone());
+            let master_info = ask(&master, redis::cmd("INFO").arg("replication")).await;
+            let acl_log = ask(&master, redis::cmd("ACL").arg("LOG").arg(2)).await;
+            return Err(format!(
+                "replica {}/{} ({}) not synced: {info}\nits master {master} ({owner} node): \
+                 {master_info}\nACL LOG there: {acl_log}\ncluster: {c:?}",
+                replica.proxy_id, replica.node_index, node.addr
+            ));
         }
     }
-    true
+    Ok(())
 }
 
 /// Waits for full redundancy, replicas synced (and, with `idle`, no task
@@ -154,9 +180,15 @@ async fn replicas_synced(sys: &System, c: &v1::Cluster) -> bool {
 async fn wait_whole(sys: &System, what: &str, idle: bool, timeout: Duration) -> v1::Cluster {
     let broker = sys.broker.url();
     eventually(what, timeout, || async {
-        let (c, proxies) = cluster_state(&broker).await?;
-        (whole(&c, &proxies) && !(idle && migrating(&c)) && replicas_synced(sys, &c).await)
-            .then_some(c)
+        let (c, proxies) = cluster_state(&broker)
+            .await
+            .ok_or("the broker does not answer")?;
+        whole(&c, &proxies)?;
+        if idle && migrating(&c) {
+            return Err(format!("a task is running: {:?}", c.task));
+        }
+        replicas_synced(sys, &c).await?;
+        Ok::<_, String>(c)
     })
     .await
 }
@@ -524,7 +556,42 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
     // Proxies fence themselves as in production (the harness's default is
     // longer, for tests that are not about fencing): a paused proxy must
     // stop writing, and stop moving keys, before its replacement starts.
+    // Partitions when asked for (the benchmark asks; the suite's seed
+    // would then draw another sequence, one that runs into the open
+    // finding of a scale-out stuck on a never-synced replica): every proxy
+    // in a cgroup of its own, the control plane in another. (Before the
+    // system: dropped after it, once its processes are gone.)
+    let mut parts = match std::env::var("REDMESH_CHAOS_PARTITIONS").as_deref() {
+        Ok("1") => Partitions::for_test(),
+        _ => None,
+    };
     let mut sys = System::start_env(8, &[("REDMESH_PROXY_FENCE_AFTER", "750ms")]);
+    let broker_url = sys.broker.url();
+    let (control, groups) = match parts.as_mut() {
+        Some(p) => {
+            let control = p.group("control").unwrap();
+            let groups: Vec<String> = (0..sys.proxies.len())
+                .map(|i| p.group(&format!("proxy-{i}")).unwrap())
+                .collect();
+            p.spawn_in(&control, || sys.broker.restart());
+            for (proxy, group) in sys.proxies.iter_mut().zip(&groups) {
+                proxy.child.as_mut().unwrap().kill();
+                p.spawn_in(group, || proxy.start(&broker_url));
+            }
+            (control, groups)
+        }
+        None => (String::new(), vec![String::new(); sys.proxies.len()]),
+    };
+    let faults: Vec<Fault> = FAULTS
+        .iter()
+        .copied()
+        .chain(parts.is_some().then_some(Fault::PartitionProxy))
+        .collect();
+    // Starts processes in `group` when partitioning.
+    let within = |group: &str, start: &mut dyn FnMut()| match &parts {
+        Some(p) => p.spawn_in(group, start),
+        None => start(),
+    };
     sys.register_all().await;
     sys.create_cluster(
         CLUSTER,
@@ -536,19 +603,24 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
         },
     )
     .await;
-    let mut checkers: Vec<Service> = ["hc-a", "hc-b", "hc-c"]
-        .iter()
-        .map(|id| sys.start_service("redmesh-health-checker", id, &[]))
-        .collect();
-    let mut coordinators = [
-        sys.start_service("redmesh-coordinator", "co-1", &[]),
-        sys.start_service("redmesh-coordinator", "co-2", &[]),
-    ];
-    let mut migrators = [
-        sys.start_migrator("m-1", &[]),
-        sys.start_service("redmesh-migrator", "m-2", &[]),
-    ];
-    let broker_url = sys.broker.url();
+    let mut control_plane = None;
+    within(&control, &mut || {
+        control_plane = Some((
+            ["hc-a", "hc-b", "hc-c"]
+                .iter()
+                .map(|id| sys.start_service("redmesh-health-checker", id, &[]))
+                .collect::<Vec<Service>>(),
+            [
+                sys.start_service("redmesh-coordinator", "co-1", &[]),
+                sys.start_service("redmesh-coordinator", "co-2", &[]),
+            ],
+            [
+                sys.start_migrator("m-1", &[]),
+                sys.start_service("redmesh-migrator", "m-2", &[]),
+            ],
+        ))
+    });
+    let (mut checkers, mut coordinators, mut migrators) = control_plane.unwrap();
 
     // Writers: unique keys, and only acknowledged writes count. Seeded with
     // every proxy, as a client of a fleet whose members get replaced is
@@ -681,7 +753,7 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
     let mut heal_times = Vec::new();
     let until = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < until {
-        let fault = FAULTS[rng.below(FAULTS.len())];
+        let fault = faults[rng.below(faults.len())];
         let pause = Duration::from_millis(500 + rng.below(1500) as u64);
         eprintln!("chaos: {fault:?} for {pause:?}");
         let started = Instant::now();
@@ -708,7 +780,7 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
                 let p = &mut sys.proxies[idx];
                 p.redis[0].restart();
                 p.redis[1].restart();
-                p.start(&broker_url);
+                within(&groups[idx], &mut || p.start(&broker_url));
                 reregister(&sys, idx).await;
             }
             Fault::PauseProxy => {
@@ -732,24 +804,48 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
                 .await;
                 coordinators[i].kill();
                 tokio::time::sleep(pause).await;
-                coordinators[i].restart();
+                within(&control, &mut || coordinators[i].restart());
             }
             Fault::KillMigrator => {
                 let i = rng.below(migrators.len());
                 migrators[i].kill();
                 tokio::time::sleep(pause).await;
-                migrators[i].restart();
+                within(&control, &mut || migrators[i].restart());
             }
             Fault::KillChecker => {
                 let i = rng.below(checkers.len());
                 checkers[i].kill();
                 tokio::time::sleep(pause).await;
-                checkers[i].restart();
+                within(&control, &mut || checkers[i].restart());
             }
             Fault::RestartBroker => {
                 sys.broker.kill();
                 tokio::time::sleep(pause).await;
-                sys.broker.restart();
+                within(&control, &mut || sys.broker.restart());
+            }
+            Fault::PartitionProxy => {
+                let idx = random_member(&sys, &mut rng).await;
+                let p = parts.as_ref().expect("drawn only with partitions");
+                let victim = &sys.proxies[idx];
+                p.cut(&groups[idx], &[port_of(&sys.broker.addr)]).unwrap();
+                p.cut(
+                    &control,
+                    &[
+                        port_of(&victim.resp),
+                        port_of(&victim.plain),
+                        port_of(&victim.admin),
+                    ],
+                )
+                .unwrap();
+                tokio::time::sleep(pause).await;
+                p.heal().unwrap();
+                // As after a pause: failed over (and replaced) or not, once
+                // the cluster is whole; a failed proxy rejoins the pool.
+                let id = victim.id.clone();
+                wait_whole(&sys, "the cluster to heal", false, Duration::from_secs(60)).await;
+                if proxy_state(&broker_url, &id).await == Some(v1::ProxyState::Failed) {
+                    reregister(&sys, idx).await;
+                }
             }
             Fault::RestartEtcd => {
                 sys.etcd.kill();

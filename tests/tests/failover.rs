@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redmesh_api::v1::{self, coordinator_client::CoordinatorClient};
-use redmesh_e2e::harness::{eventually, redis_cli};
+use redmesh_e2e::harness::{eventually, port_of, redis_cli};
 use redmesh_e2e::netpart::Partitions;
 use redmesh_e2e::system::{coordinator_status, info_field, patient_cluster_client, System};
 
@@ -688,13 +688,6 @@ async fn a_master_redis_restarted_empty_is_not_served_and_its_replica_keeps_the_
     assert_eq!(redis_cli(master_port, &["DBSIZE"]), "0");
 }
 
-/// The port of a `127.0.0.1:PORT` address.
-fn port_of(addr: &str) -> u16 {
-    addr.rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {addr}"))
-}
-
 /// Split brain: a proxy cut off from the control plane (it cannot reach
 /// the broker, the health-checkers, coordinator and migrator cannot reach
 /// it) while clients still reach it. It must refuse writes within its
@@ -706,13 +699,8 @@ fn port_of(addr: &str) -> u16 {
 /// `./tests/run.sh` sets when it runs as root).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_cut_off_from_the_control_plane_fences_itself_and_is_failed_over() {
-    let mut parts = match Partitions::new() {
-        Ok(p) => p,
-        Err(why) if std::env::var("REDMESH_REQUIRE_PARTITIONS").as_deref() != Ok("1") => {
-            eprintln!("skipped: this machine cannot partition processes: {why}");
-            return;
-        }
-        Err(why) => panic!("REDMESH_REQUIRE_PARTITIONS=1 but: {why}"),
+    let Some(mut parts) = Partitions::for_test() else {
+        return;
     };
     let control = parts.group("control").unwrap();
     let cut_off = parts.group("cut-off").unwrap();
