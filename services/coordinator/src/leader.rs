@@ -50,8 +50,9 @@ impl std::fmt::Debug for Actor {
     }
 }
 
-/// Memory of the current term, only to avoid repeating events; decisions
-/// never depend on it.
+/// Memory of the current term: events already announced, and when each
+/// failure was first seen (a new leader starts counting afresh, which only
+/// makes it wait longer before it promotes).
 #[derive(Debug, Default)]
 struct Incidents {
     /// When each failing proxy was first seen failing.
