@@ -529,15 +529,15 @@ pub async fn apply(
             nodes: tasks,
         } => {
             for (node, task) in nodes.iter().zip(tasks) {
-                // Client traffic runs as the restricted user: no node is
-                // served before it exists.
-                let outcome = match ensure_client_user(node, client).await {
-                    Err(e) => Err(e),
-                    Ok(()) => match (&task.role, &task.master) {
-                        (NodeRole::Master { .. }, _) => {
-                            let key = (node.addr().to_owned(), uid.clone());
-                            let was_served = served.contains(&key);
-                            let outcome = async {
+                // Client traffic runs as the restricted user, created only
+                // once the node passed every check for its role: a Redis
+                // that restarted empty lacks it, so no client request
+                // reaches that node before this proxy has looked at it.
+                let outcome = match (&task.role, &task.master) {
+                    (NodeRole::Master { .. }, _) => {
+                        let key = (node.addr().to_owned(), uid.clone());
+                        let was_served = served.contains(&key);
+                        let outcome = async {
                             ensure_master(node, uid).await?;
                             if was_served && !has_marker_of(node, uid).await? {
                                 return Err(format!(
@@ -547,22 +547,26 @@ pub async fn apply(
                                 ));
                             }
                             claim(node, uid).await?;
-                            ensure_repl_user(node, repl_password).await
+                            ensure_repl_user(node, repl_password).await?;
+                            ensure_client_user(node, client).await
                         }
                         .await;
-                            if outcome.is_ok() {
-                                served.insert(key);
-                            }
-                            outcome
+                        if outcome.is_ok() {
+                            served.insert(key);
                         }
-                        (NodeRole::Replica { .. }, Some(Ok(addr))) => {
-                            ensure_replica_of(node, addr.host(), addr.port(), repl_password).await
+                        outcome
+                    }
+                    (NodeRole::Replica { .. }, Some(Ok(addr))) => {
+                        match ensure_replica_of(node, addr.host(), addr.port(), repl_password).await
+                        {
+                            Ok(()) => ensure_client_user(node, client).await,
+                            Err(e) => Err(e),
                         }
-                        (NodeRole::Replica { .. }, Some(Err(why))) => Err(why.clone()),
-                        // Leave an idle node's data and replication alone: it
-                        // may be the last copy after a failure.
-                        _ => Ok(()),
-                    },
+                    }
+                    (NodeRole::Replica { .. }, Some(Err(why))) => Err(why.clone()),
+                    // Leave an idle node's data and replication alone: it
+                    // may be the last copy after a failure.
+                    _ => Ok(()),
                 };
                 if let Err(e) = &outcome {
                     tracing::warn!(node = node.addr(), error = %e, "local node not ready");
