@@ -602,6 +602,26 @@ pub fn patient_cluster_client<S: AsRef<str>>(
         .expect("cluster client")
 }
 
+/// The acknowledged writes (`key → value`) that do not read back through
+/// `conn` with their value, with what was read instead.
+pub async fn lost_writes(
+    conn: &mut redis::cluster_async::ClusterConnection,
+    acked: &std::collections::BTreeMap<String, u64>,
+) -> Vec<(String, Option<u64>)> {
+    let mut lost = Vec::new();
+    for (key, value) in acked {
+        let got: Option<u64> = redis::cmd("GET")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .unwrap_or_else(|e| panic!("GET {key}: {e}"));
+        if got != Some(*value) {
+            lost.push((key.clone(), got));
+        }
+    }
+    lost
+}
+
 /// `CLUSTER INFO` of a proxy.
 pub async fn cluster_info(addr: &str) -> redis::RedisResult<String> {
     let client = redis::Client::open(format!("redis://{addr}"))?;

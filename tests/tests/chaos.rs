@@ -28,7 +28,7 @@ use redis::AsyncCommands;
 use redmesh_api::v1;
 use redmesh_e2e::harness::{env_or, eventually, http_get, port_of};
 use redmesh_e2e::netpart::Partitions;
-use redmesh_e2e::system::patient_cluster_client;
+use redmesh_e2e::system::{lost_writes, patient_cluster_client};
 use redmesh_e2e::{Service, System};
 
 /// A small seeded generator (xorshift64*): replayable, no dependency.
@@ -932,13 +932,7 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
         .await
         .unwrap();
     let acked = acked.lock().unwrap().clone();
-    let mut lost = Vec::new();
-    for (key, value) in &acked {
-        let got: Option<u64> = conn.get(key).await.unwrap();
-        if got != Some(*value) {
-            lost.push((key.clone(), got));
-        }
-    }
+    let lost = lost_writes(&mut conn, &acked).await;
     let slowest = heal_times.iter().max().copied().unwrap_or_default();
     eprintln!(
         "chaos summary: seed {seed}; faults {applied:?}; {} scale tasks ended; {} writes acknowledged, {} refused, {} lost; slowest heal {slowest:?}",

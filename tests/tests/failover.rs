@@ -18,7 +18,9 @@ use redis::AsyncCommands;
 use redmesh_api::v1::{self, coordinator_client::CoordinatorClient};
 use redmesh_e2e::harness::{eventually, port_of, redis_cli};
 use redmesh_e2e::netpart::Partitions;
-use redmesh_e2e::system::{coordinator_status, info_field, patient_cluster_client, System};
+use redmesh_e2e::system::{
+    coordinator_status, info_field, lost_writes, patient_cluster_client, System,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_writes() {
@@ -842,13 +844,7 @@ async fn a_proxy_cut_off_from_the_control_plane_fences_itself_and_is_failed_over
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
     let acked = acked.lock().unwrap().clone();
-    let mut lost = Vec::new();
-    for (key, value) in &acked {
-        let got: Option<u64> = fresh.get(key).await.unwrap();
-        if got != Some(*value) {
-            lost.push((key.clone(), got));
-        }
-    }
+    let lost = lost_writes(&mut fresh, &acked).await;
     assert!(
         lost.is_empty(),
         "{} of {} acknowledged writes lost: {:?}",

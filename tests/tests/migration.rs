@@ -13,7 +13,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use redmesh_api::v1::{self, migrator_client::MigratorClient, MigrationState};
 use redmesh_e2e::harness::{eventually, redis_cli};
-use redmesh_e2e::system::{Service, System};
+use redmesh_e2e::system::{patient_cluster_client, Service, System};
 
 const STRINGS: usize = 20_000;
 const WITH_TTL: usize = 500;
@@ -1204,20 +1204,9 @@ async fn proxies_that_left_send_old_clients_on_and_serve_them_no_other_tenant() 
     };
     sys.create_cluster("left-a", 8, config("pw-a")).await;
     let m = sys.start_migrator("mg-1", &[]);
+    // (The password rides in each seed's URL: `redis://:pw@host:port`.)
     let client = |password: &str, addrs: Vec<String>| {
-        redis::cluster::ClusterClient::builder(
-            addrs
-                .iter()
-                .map(|a| format!("redis://:{password}@{a}"))
-                .collect::<Vec<_>>(),
-        )
-        .retries(30)
-        .min_retry_wait(20)
-        .max_retry_wait(200)
-        .connection_timeout(Duration::from_millis(500))
-        .response_timeout(Duration::from_secs(2))
-        .build()
-        .unwrap()
+        patient_cluster_client(addrs.iter().map(|a| format!(":{password}@{a}")))
     };
     let all: Vec<String> = sys.proxies.iter().map(|p| p.resp.clone()).collect();
     let mut conn = client("pw-a", all.clone())

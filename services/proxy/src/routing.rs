@@ -100,14 +100,19 @@ pub struct Peer {
     pub link: Option<Link>,
 }
 
+/// Of a proxy's plaintext and TLS addresses, the one a client sees.
+fn client_addr<'a>(addr: &'a Address, tls_addr: Option<&'a Address>, tls: bool) -> &'a Address {
+    match tls_addr {
+        Some(a) if tls => a,
+        _ => addr,
+    }
+}
+
 impl Peer {
     /// The address a client sees: over TLS, the TLS listener's (a proxy
     /// without one is shown at its plaintext address, which is all it has).
     pub fn client_addr(&self, tls: bool) -> &Address {
-        match &self.tls_addr {
-            Some(a) if tls => a,
-            _ => &self.addr,
-        }
+        client_addr(&self.addr, self.tls_addr.as_ref(), tls)
     }
 }
 
@@ -256,10 +261,7 @@ impl Former {
     pub fn redirect(&self, slot: Slot, tls: bool) -> Option<&Address> {
         let i = (*self.slots.get(usize::from(slot))?)?;
         let (addr, tls_addr) = self.to.get(usize::from(i))?;
-        Some(match tls_addr {
-            Some(a) if tls => a,
-            _ => addr,
-        })
+        Some(client_addr(addr, tls_addr.as_ref(), tls))
     }
 }
 
