@@ -581,25 +581,8 @@ async fn no_key_moves_into_a_shard_whose_replica_never_confirms_even_under_async
     // while the source's view still names it.)
     let grown = dry_run(&sys, "unsynced", 8).await.added_chunks;
     assert_eq!(grown.len(), 1, "{grown:?}");
-    let replica = &sys.members(&cluster)[0].redis[1];
-    let auth = redis_cli(replica.port, &["CONFIG", "GET", "masterauth"]);
-    let password = auth.lines().nth(1).unwrap();
     for id in &grown[0].proxy_ids {
-        let pass = format!(">{password}");
-        let out = redis_cli(
-            sys.proxy(id).redis[0].port,
-            &[
-                "ACL",
-                "SETUSER",
-                "redmesh-repl",
-                "reset",
-                "on",
-                &pass,
-                "+ping",
-                "+replconf",
-            ],
-        );
-        assert!(out.starts_with("OK"), "{out}");
+        refuse_sync(&sys, &cluster, sys.proxy(id).redis[0].port);
     }
     let (plan, task) = scale(&sys, "unsynced", 8, 3000).await;
     assert_eq!(plan.added_chunks, grown);
@@ -614,6 +597,108 @@ async fn no_key_moves_into_a_shard_whose_replica_never_confirms_even_under_async
     assert_eq!(progress(&m, "unsynced", &task).await.unwrap().keys_moved, 0);
     // Every key still reads back, from where it always was.
     verify(&sys.members(&cluster)[0].resp).await;
+}
+
+/// Gives the replication user on `node` the cluster's password but not
+/// `PSYNC`: the node's proxy, seeing the password right, leaves it so, and
+/// replicas of the node never sync.
+fn refuse_sync(sys: &System, cluster: &v1::Cluster, node: u16) {
+    let replica = &sys.members(cluster)[0].redis[1];
+    let auth = redis_cli(replica.port, &["CONFIG", "GET", "masterauth"]);
+    let pass = format!(">{}", auth.lines().nth(1).unwrap());
+    let out = redis_cli(
+        node,
+        &[
+            "ACL",
+            "SETUSER",
+            "redmesh-repl",
+            "reset",
+            "on",
+            &pass,
+            "+ping",
+            "+replconf",
+        ],
+    );
+    assert!(out.starts_with("OK"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_shard_whose_master_dies_before_its_replica_synced_starts_over_empty() {
+    // Proxies 0-1 serve the cluster, 2-3 are the chunk it grows onto, 4-5
+    // one free proxy per host to replace the dead one.
+    let mut sys = System::start(6);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster(
+            "orphan",
+            4,
+            v1::ClusterConfig {
+                durability: v1::Durability::ReplicaAck as i32,
+                replica_ack_timeout_ms: 500,
+                ..Default::default()
+            },
+        )
+        .await;
+    let (_checkers, _co) = sys.start_control_plane().await;
+    let m = sys.start_migrator("mg-1", &[]);
+    preload(&sys, &cluster).await;
+
+    // The victim masters one of the new shards; that shard's replica, on
+    // its partner, never syncs.
+    let grown = dry_run(&sys, "orphan", 8).await.added_chunks;
+    assert_eq!(grown.len(), 1, "{grown:?}");
+    let victim = grown[0].proxy_ids[0].clone();
+    refuse_sync(&sys, &cluster, sys.proxy(&victim).redis[0].port);
+    let (plan, task) = scale(&sys, "orphan", 8, 2000).await;
+    assert_eq!(plan.added_chunks, grown);
+    assert!(
+        plan.moves.iter().any(|mv| mv.to_proxy_id == victim),
+        "{plan:?}"
+    );
+    let entry = sys.members(&cluster)[0].resp.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ledger: Ledger = Arc::default();
+    let jobs = writers(entry.clone(), stop.clone(), ledger.clone());
+    eventually("batches refused", Duration::from_secs(30), || async {
+        progress(&m, "orphan", &task).await.filter(|p| {
+            p.task
+                .as_ref()
+                .is_some_and(|t| t.error.contains("did not confirm"))
+        })
+    })
+    .await;
+
+    // Its host dies. The shard owns no slots yet and every key copied into
+    // it is still at its source, so the partner promotes the empty replica
+    // rather than stop the task for good; a free proxy replaces the victim.
+    {
+        let v = sys.proxies.iter_mut().find(|p| p.id == victim).unwrap();
+        v.child.as_mut().unwrap().kill();
+        v.redis[0].kill();
+        v.redis[1].kill();
+    }
+    let done = finished(&m, "orphan", &task).await;
+    let t = done.task.clone().unwrap();
+    assert_eq!(t.state, MigrationState::Completed as i32, "{t:?}");
+    let (grown, _) = eventually(
+        "the dead proxy replaced",
+        Duration::from_secs(60),
+        || async {
+            let (c, proxies) = sys.get_cluster("orphan").await;
+            let replaced = c.chunks.iter().all(|ch| !ch.proxy_ids.contains(&victim))
+                && c.shards.iter().all(|s| !s.replicas.is_empty());
+            replaced.then_some((c, proxies))
+        },
+    )
+    .await;
+    assert_eq!(slots_per_shard(&grown), vec![4096; 4]);
+    sys.wait_cluster_ok(&grown).await;
+    stop.store(true, Ordering::Relaxed);
+    for j in jobs {
+        j.await.unwrap();
+    }
+    verify(&entry).await;
+    check_ledger(&entry, &ledger).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

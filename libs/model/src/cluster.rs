@@ -322,6 +322,20 @@ impl Cluster {
         self.shard(id).map(|s| &s.master.proxy_id)
     }
 
+    /// Whether shard `id` owns slots: it is the owner of a range, or a move
+    /// into it reached `Commit` (all the range's keys are there). A shard
+    /// only importing (`Prepare`, `Move`) holds copies its source deletes
+    /// only once the shard's replica confirmed them, so before that replica
+    /// first synced, nothing exists only in this shard.
+    pub fn shard_owns_slots(&self, id: ShardId) -> bool {
+        self.slots.iter().any(|a| {
+            a.shard == id
+                || a.migration
+                    .as_ref()
+                    .is_some_and(|m| m.target_shard == id && m.stage == MigrationStage::Commit)
+        })
+    }
+
     /// Slot ranges owned by each shard (migrating ranges count for their source).
     pub fn ranges_by_shard(&self) -> HashMap<ShardId, Vec<SlotRange>> {
         let mut out: HashMap<ShardId, Vec<SlotRange>> = HashMap::new();

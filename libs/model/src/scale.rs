@@ -376,6 +376,28 @@ mod tests {
     }
 
     #[test]
+    fn a_shard_owns_slots_once_a_move_into_it_commits() {
+        let big = cluster(vec![chunk("a", "b")])
+            .with_chunks(&[chunk("c", "d")])
+            .unwrap();
+        assert!(big.shard_owns_slots(0));
+        assert!(!big.shard_owns_slots(2));
+        let m = &plan_moves(&big, &[]).unwrap()[0];
+        assert_eq!(m.to, 2);
+        let mut c = big.begin_move(m, "t").unwrap();
+        for stage in [MigrationStage::Prepare, MigrationStage::Move] {
+            c = c.set_move_stage(m.range, "t", stage).unwrap();
+            assert!(!c.shard_owns_slots(2), "{stage:?}");
+        }
+        c = c
+            .set_move_stage(m.range, "t", MigrationStage::Commit)
+            .unwrap();
+        assert!(c.shard_owns_slots(2));
+        assert!(c.end_move(m.range, "t", true).shard_owns_slots(2));
+        assert!(!c.end_move(m.range, "t", false).shard_owns_slots(2));
+    }
+
+    #[test]
     fn scale_out_halves_each_shard_and_scale_in_restores_it() {
         let small = cluster(vec![chunk("a", "b")]);
         let big = small.with_chunks(&[chunk("c", "d")]).unwrap();

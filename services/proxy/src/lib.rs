@@ -361,7 +361,7 @@ async fn reconcile_loop(
     let mut links = LinkPool::new(opts, client_password.identity());
     let mut current: Option<Arc<ProxyView>> = None;
     let mut applied: Option<(nodes::Plan, Vec<NodeReport>)> = None;
-    let mut served = std::collections::HashSet::new();
+    let mut seen = nodes::Seen::default();
     loop {
         let settled = applied
             .as_ref()
@@ -401,7 +401,7 @@ async fn reconcile_loop(
             {
                 reports.clone()
             }
-            _ => nodes::apply(&plan, &admins, &mut served, &client_password).await,
+            _ => nodes::apply(&plan, &admins, &mut seen, &client_password).await,
         };
         *reports_out.lock().unwrap_or_else(|e| e.into_inner()) = reports.clone();
         let table = RouteTable::build(&view, &mut links, &reports).after(&table_tx.borrow());

@@ -102,25 +102,52 @@ async fn current_master(node: &Backend) -> Result<Option<(String, String)>, Stri
 }
 
 /// Makes a node master of cluster `uid`'s shard. A replica is promoted
-/// only if it holds the cluster's marker, i.e. it completed a sync from a
-/// master of this cluster: a replica that never synced (its first full sync
-/// still pending when its master died) is empty, and serving it would answer
-/// every read of the shard with nothing and take writes over lost data. It
-/// stays a replica and the shard stays unavailable, with this error, until
-/// an operator decides (its old master's node, if it survived, has the data).
-async fn ensure_master(node: &Backend, uid: &str) -> Result<(), String> {
+/// if it holds the cluster's marker, i.e. it completed a sync from a master
+/// of this cluster. A replica without it never synced (its first full sync
+/// still pending when its master died) or lost its data since: it is
+/// empty, and serving it would answer every read of the shard with nothing
+/// and take writes over lost data. It stays a replica and the shard stays
+/// unavailable, with this error, until an operator decides (its old
+/// master's node, if it survived, has the data) — unless `may_start_empty`:
+/// the shard owns no slots yet and this process never saw the node synced,
+/// so every key copied into the shard is still at its source (a source
+/// deletes a copy only once this replica confirmed it) and there is nothing
+/// to lose. Refusing there would stop a scale-out for good when a new
+/// shard's master dies before its replica's first sync.
+async fn ensure_master(node: &Backend, uid: &str, may_start_empty: bool) -> Result<(), String> {
     if let Some((host, port)) = current_master(node).await? {
         if !has_marker_of(node, uid).await? {
-            return Err(format!(
-                "refusing to promote node {}: it never completed a sync from its master \
-                 {host}:{port} (no cluster marker), so it does not hold the shard's data",
-                node.addr()
-            ));
+            if !may_start_empty {
+                return Err(format!(
+                    "refusing to promote node {}: it never completed a sync from its master \
+                     {host}:{port} or lost the data since (no cluster marker), so it does not \
+                     hold the shard's data",
+                    node.addr()
+                ));
+            }
+            match reply_ok(node.call(&["DBSIZE"]).await.map_err(backend_err)?, "DBSIZE")? {
+                Frame::Integer(0) => {}
+                Frame::Integer(n) => {
+                    return Err(format!(
+                        "refusing to promote node {}: it never completed a sync from its \
+                         master {host}:{port} yet holds {n} keys redmesh did not write",
+                        node.addr()
+                    ))
+                }
+                other => return Err(format!("DBSIZE answered {other:?}")),
+            }
+            tracing::warn!(
+                node = node.addr(),
+                master = %format!("{host}:{port}"),
+                "promoting a replica that never synced: its shard owns no slots yet, \
+                 so every key moving into it is still at its source"
+            );
+        } else {
+            tracing::info!(
+                node = node.addr(),
+                "promoting local node to master (REPLICAOF NO ONE)"
+            );
         }
-        tracing::info!(
-            node = node.addr(),
-            "promoting local node to master (REPLICAOF NO ONE)"
-        );
         replicaof_no_one(node).await?;
     }
     // Each master has exactly one replica, so Redis's default 5 s wait for
@@ -418,6 +445,8 @@ async fn flush(node: &Backend) -> Result<(), String> {
 pub struct NodeTask {
     /// Its role.
     pub role: NodeRole,
+    /// Whether its shard owns slots ([`redmesh_model::Cluster::shard_owns_slots`]).
+    pub shard_owns_slots: bool,
     /// For a replica: its master's address, or why it is unknown.
     pub master: Option<Result<Address, String>>,
 }
@@ -446,7 +475,7 @@ pub enum Plan {
         /// accept it, replicas give it.
         repl_password: ReplPassword,
         /// Per node, in `redis_nodes` order.
-        nodes: [NodeTask; 2],
+        nodes: Box<[NodeTask; 2]>,
     },
 }
 
@@ -461,7 +490,7 @@ pub fn plan(view: &ProxyView) -> Plan {
         (ProxyState::Allocated, Some(cluster)) => Plan::Serve {
             uid: cluster.uid.clone(),
             repl_password: ReplPassword::of(cluster),
-            nodes: cluster.node_roles(&view.proxy_id).map(|role| {
+            nodes: Box::new(cluster.node_roles(&view.proxy_id).map(|role| {
                 let master = match &role {
                     NodeRole::Replica { master, .. } => Some(
                         view.member(&master.proxy_id)
@@ -473,33 +502,55 @@ pub fn plan(view: &ProxyView) -> Plan {
                     ),
                     _ => None,
                 };
-                NodeTask { role, master }
-            }),
+                let shard_owns_slots = match &role {
+                    NodeRole::Master { shard } | NodeRole::Replica { shard, .. } => {
+                        cluster.shard_owns_slots(*shard)
+                    }
+                    NodeRole::Idle => false,
+                };
+                NodeTask {
+                    role,
+                    master,
+                    shard_owns_slots,
+                }
+            })),
         },
         _ => Plan::Untouched,
     }
 }
 
+/// What this process saw of its local nodes, by (node address, cluster
+/// uid). Found later without the cluster's marker, a node it served as
+/// master, or saw hold the data as a replica, lost that data (its Redis
+/// restarted empty).
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// Served as master. Such a node is not claimed again: it would serve
+    /// the shard empty, and its replica, which holds the data, would then
+    /// sync the emptiness. It stays unready until a failover promotes the
+    /// replica (which its marker allows).
+    served: std::collections::HashSet<(String, String)>,
+    /// Seen holding the marker as a replica: its confirmations may be the
+    /// only reason a source deleted moved keys, so it is never promoted
+    /// empty.
+    synced: std::collections::HashSet<(String, String)>,
+}
+
 /// Carries out `plan` on the local nodes (`nodes[i]` is `redis_nodes[i]`)
-/// and reports per node. Idempotent: only what differs is changed.
-///
-/// `served` remembers the (node, cluster uid) pairs this process has
-/// served as master. Such a node found without the cluster's marker lost
-/// its data — its Redis restarted empty — and is not claimed again: it
-/// would serve the shard empty, and its replica, which holds the data,
-/// would then sync the emptiness. It stays unready until a failover
-/// promotes the replica (which its marker allows).
+/// and reports per node, updating `seen`. Idempotent: only what differs is
+/// changed.
 pub async fn apply(
     plan: &Plan,
     nodes: &[Backend; 2],
-    served: &mut std::collections::HashSet<(String, String)>,
+    seen: &mut Seen,
     client: &ClientPassword,
 ) -> Vec<NodeReport> {
     let mut out = Vec::new();
     if !matches!(plan, Plan::Serve { .. } | Plan::Untouched) {
         // Out of the cluster: its nodes are wiped or kept as they are, and
         // a later claim for the same cluster is a new one.
-        served.clear();
+        seen.served.clear();
+        seen.synced.clear();
     }
     match plan {
         Plan::Untouched => {}
@@ -528,17 +579,18 @@ pub async fn apply(
             repl_password,
             nodes: tasks,
         } => {
-            for (node, task) in nodes.iter().zip(tasks) {
+            for (node, task) in nodes.iter().zip(tasks.iter()) {
                 // Client traffic runs as the restricted user, created only
                 // once the node passed every check for its role: a Redis
                 // that restarted empty lacks it, so no client request
                 // reaches that node before this proxy has looked at it.
+                let key = (node.addr().to_owned(), uid.clone());
                 let outcome = match (&task.role, &task.master) {
                     (NodeRole::Master { .. }, _) => {
-                        let key = (node.addr().to_owned(), uid.clone());
-                        let was_served = served.contains(&key);
+                        let was_served = seen.served.contains(&key);
+                        let may_start_empty = !task.shard_owns_slots && !seen.synced.contains(&key);
                         let outcome = async {
-                            ensure_master(node, uid).await?;
+                            ensure_master(node, uid, may_start_empty).await?;
                             if was_served && !has_marker_of(node, uid).await? {
                                 return Err(format!(
                                     "node {} lost this cluster's data (its Redis restarted empty?); \
@@ -552,16 +604,24 @@ pub async fn apply(
                         }
                         .await;
                         if outcome.is_ok() {
-                            served.insert(key);
+                            seen.served.insert(key);
                         }
                         outcome
                     }
                     (NodeRole::Replica { .. }, Some(Ok(addr))) => {
-                        match ensure_replica_of(node, addr.host(), addr.port(), repl_password).await
-                        {
-                            Ok(()) => ensure_client_user(node, client).await,
-                            Err(e) => Err(e),
+                        let outcome =
+                            match ensure_replica_of(node, addr.host(), addr.port(), repl_password)
+                                .await
+                            {
+                                Ok(()) => ensure_client_user(node, client).await,
+                                Err(e) => Err(e),
+                            };
+                        // Best effort: a replica still loading its first
+                        // sync cannot run the check, and has not synced.
+                        if outcome.is_ok() && has_marker_of(node, uid).await == Ok(true) {
+                            seen.synced.insert(key);
                         }
+                        outcome
                     }
                     (NodeRole::Replica { .. }, Some(Err(why))) => Err(why.clone()),
                     // Leave an idle node's data and replication alone: it
