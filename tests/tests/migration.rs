@@ -702,6 +702,99 @@ async fn a_new_shard_whose_master_dies_before_its_replica_synced_starts_over_emp
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_back_in_a_cluster_before_it_heard_it_left_serves_none_of_its_old_data() {
+    // Proxies 0-1 serve the cluster, 2-3 are the chunk it grows onto.
+    let mut sys = System::start(4);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("again", 4, v1::ClusterConfig::default())
+        .await;
+    let m = sys.start_migrator("mg-1", &[]);
+    let plan = dry_run(&sys, "again", 8).await;
+    let mv = plan.moves[0].clone();
+    let victim = mv.to_proxy_id.clone();
+    let source = cluster
+        .shards
+        .iter()
+        .find(|s| s.id == mv.from_shard_id)
+        .and_then(|s| s.master.clone())
+        .unwrap();
+    let source_port = sys.proxy(&source.proxy_id).redis[source.node_index as usize].port;
+    let stale_port = sys.proxy(&victim).redis[0].port;
+    let range = mv.range.unwrap();
+    let keys: Vec<String> = (0..)
+        .map(|n| format!("gone:{n}"))
+        .filter(|k| {
+            let slot = u32::from(redmesh_model::key_slot(k.as_bytes()));
+            range.start <= slot && slot <= range.end
+        })
+        .take(20)
+        .collect();
+    let entry = sys.members(&cluster)[0].resp.clone();
+    let mut c = cluster_conn(&entry).await;
+    for k in &keys {
+        let () = c.set(k, "old").await.unwrap();
+    }
+
+    // What a proxy leaves when it never hears that its chunk left the
+    // cluster (it was paused, or cut off, until the chunk was allocated
+    // again): its node 0 still holds the source shard's data, here as a
+    // replica whose master is gone. The victim's process is down meanwhile,
+    // so nothing wipes the node while it is free.
+    let v = sys.proxies.iter_mut().find(|p| p.id == victim).unwrap();
+    v.child.as_mut().unwrap().kill();
+    let auth = redis_cli(
+        sys.members(&cluster)[0].redis[1].port,
+        &["CONFIG", "GET", "masterauth"],
+    );
+    let password = auth.lines().nth(1).unwrap().to_owned();
+    let out = redis_cli(
+        stale_port,
+        &[
+            "CONFIG",
+            "SET",
+            "masteruser",
+            "redmesh-repl",
+            "masterauth",
+            &password,
+        ],
+    );
+    assert!(out.starts_with("OK"), "{out}");
+    redis_cli(
+        stale_port,
+        &["REPLICAOF", "127.0.0.1", &source_port.to_string()],
+    );
+    eventually("the old copy synced", Duration::from_secs(20), || async {
+        (redis_cli(stale_port, &["GET", &keys[0]]).trim() == "old").then_some(())
+    })
+    .await;
+    let dead = redmesh_e2e::ports::free_port().to_string();
+    redis_cli(stale_port, &["REPLICAOF", "127.0.0.1", &dead]);
+    // Deleted since: the old copy must not bring them back.
+    for k in &keys {
+        let () = c.del(k).await.unwrap();
+    }
+    assert_eq!(redis_cli(stale_port, &["GET", &keys[0]]).trim(), "old");
+
+    // Allocated again while down; it first hears of the cluster as a member.
+    let (grown, task) = scale(&sys, "again", 8, 0).await;
+    assert_eq!(grown.moves[0].to_proxy_id, victim, "{grown:?}");
+    let broker = sys.broker.url();
+    sys.proxies
+        .iter_mut()
+        .find(|p| p.id == victim)
+        .unwrap()
+        .start(&broker);
+    let done = finished(&m, "again", &task).await;
+    let t = done.task.clone().unwrap();
+    assert_eq!(t.state, MigrationState::Completed as i32, "{t:?}");
+    for k in &keys {
+        let v: Option<String> = c.get(k).await.unwrap();
+        assert_eq!(v, None, "{k} came back from the old copy");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_resumed_restarted_and_cancelled_tasks_keep_every_key() {
     let (sys, mut m, task, entry) = scaling_under_way("ctl", 500).await;
     // Paused: the runner saves its state and stops moving.

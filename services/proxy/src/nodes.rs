@@ -9,7 +9,7 @@
 //! the operator must decide. This is what keeps one tenant's keys from ever
 //! reaching another tenant.
 
-use redmesh_model::{Address, NodeRole, ProxyState, ProxyView};
+use redmesh_model::{Address, NodeRole, ProxyState, ProxyView, ShardId};
 use redmesh_resp::Frame;
 
 use crate::backend::{Backend, BackendError};
@@ -17,18 +17,33 @@ use crate::backend::{Backend, BackendError};
 /// Marker key (database 1) holding the owning cluster's uid.
 pub const MARKER_KEY: &str = "redmesh:cluster-uid";
 
-/// Claims an empty node for a cluster, or reports who owns it. Runs as one
-/// script so the check and the claim are atomic; SELECT inside a script
-/// does not change the connection's database (Redis >= 7).
+/// Key (database 1) beside the marker holding the id of the shard whose
+/// data the node holds. Within one cluster a node holds one shard's data;
+/// a node that holds another shard's — left over from a role its proxy
+/// had before it left the cluster and came back without hearing it was
+/// freed (paused, or cut off) — must not serve that data as this shard's.
+pub const SHARD_KEY: &str = "redmesh:shard";
+
+/// Claims an empty node for a cluster's shard, or reports who owns it. Runs
+/// as one script so the check and the claim are atomic; SELECT inside a
+/// script does not change the connection's database (Redis >= 7). A node
+/// marked before shards were (no shard key) gets the shard's.
 const CLAIM_SCRIPT: &str = r#"
 redis.call('select', 1)
 local cur = redis.call('get', KEYS[1])
-if cur == ARGV[1] then return 'same' end
+if cur == ARGV[1] then
+  local shard = redis.call('get', KEYS[2])
+  if shard == ARGV[2] then return 'same' end
+  if shard then return 'other-shard' end
+  redis.call('set', KEYS[2], ARGV[2])
+  return 'same'
+end
 if cur then return 'other' end
 redis.call('select', 0)
 if redis.call('dbsize') > 0 then return 'foreign' end
 redis.call('select', 1)
 redis.call('set', KEYS[1], ARGV[1])
+redis.call('set', KEYS[2], ARGV[2])
 return 'claimed'
 "#;
 
@@ -38,11 +53,11 @@ redis.call('select', 1)
 return redis.call('exists', KEYS[1])
 "#;
 
-/// Reads a node's marker (nil when it has none). Read-only, so it also runs
-/// on a replica.
+/// Reads a node's marker and shard key (nil when missing). Read-only, so
+/// it also runs on a replica.
 const GET_MARKER_SCRIPT: &str = r#"
 redis.call('select', 1)
-return redis.call('get', KEYS[1])
+return redis.call('mget', KEYS[1], KEYS[2])
 "#;
 
 /// What the proxy wants of one local node, and how applying it went.
@@ -101,46 +116,43 @@ async fn current_master(node: &Backend) -> Result<Option<(String, String)>, Stri
     }
 }
 
-/// Makes a node master of cluster `uid`'s shard. A replica is promoted
-/// if it holds the cluster's marker, i.e. it completed a sync from a master
-/// of this cluster. A replica without it never synced (its first full sync
-/// still pending when its master died) or lost its data since: it is
-/// empty, and serving it would answer every read of the shard with nothing
-/// and take writes over lost data. It stays a replica and the shard stays
-/// unavailable, with this error, until an operator decides (its old
-/// master's node, if it survived, has the data) — unless `may_start_empty`:
-/// the shard owns no slots yet and this process never saw the node synced,
-/// so every key copied into the shard is still at its source (a source
-/// deletes a copy only once this replica confirmed it) and there is nothing
-/// to lose. Refusing there would stop a scale-out for good when a new
-/// shard's master dies before its replica's first sync.
-async fn ensure_master(node: &Backend, uid: &str, may_start_empty: bool) -> Result<(), String> {
+/// Makes a node master of cluster `uid`'s shard `shard`. A replica is
+/// promoted if it holds the shard's data (the cluster's marker and the
+/// shard's key), i.e. it completed a sync from the shard's master. A replica
+/// without it never synced (its first full sync still pending when its
+/// master died), lost its data since, or holds another shard's: serving it
+/// would answer every read of the shard with nothing (or with the wrong
+/// keys) and take writes over lost data. It stays a replica and the shard
+/// stays unavailable, with this error, until an operator decides (its old
+/// master's node, if it survived, has the data) — unless
+/// `may_start_empty`: the shard owns no slots yet and this process never
+/// saw the node synced with it, so every key copied into the shard is still
+/// at its source (a source deletes a copy only once this replica confirmed
+/// it) and there is nothing to lose; [`claim`] then empties what the node
+/// holds. Refusing there would stop a scale-out for good when a new shard's
+/// master dies before its replica's first sync.
+async fn ensure_master(
+    node: &Backend,
+    uid: &str,
+    shard: ShardId,
+    may_start_empty: bool,
+) -> Result<(), String> {
     if let Some((host, port)) = current_master(node).await? {
-        if !has_marker_of(node, uid).await? {
+        if !holds_shard(node, uid, shard).await? {
             if !may_start_empty {
                 return Err(format!(
                     "refusing to promote node {}: it never completed a sync from its master \
-                     {host}:{port} or lost the data since (no cluster marker), so it does not \
-                     hold the shard's data",
+                     {host}:{port} or lost the data since (no marker of this cluster's shard \
+                     {shard}), so it does not hold the shard's data",
                     node.addr()
                 ));
-            }
-            match reply_ok(node.call(&["DBSIZE"]).await.map_err(backend_err)?, "DBSIZE")? {
-                Frame::Integer(0) => {}
-                Frame::Integer(n) => {
-                    return Err(format!(
-                        "refusing to promote node {}: it never completed a sync from its \
-                         master {host}:{port} yet holds {n} keys redmesh did not write",
-                        node.addr()
-                    ))
-                }
-                other => return Err(format!("DBSIZE answered {other:?}")),
             }
             tracing::warn!(
                 node = node.addr(),
                 master = %format!("{host}:{port}"),
-                "promoting a replica that never synced: its shard owns no slots yet, \
-                 so every key moving into it is still at its source"
+                shard,
+                "promoting a replica that holds none of its shard's data: the shard owns no \
+                 slots yet, so every key moving into it is still at its source"
             );
         } else {
             tracing::info!(
@@ -366,42 +378,84 @@ async fn ensure_user(
     reply_ok(node.call(&args).await.map_err(backend_err)?, "ACL SETUSER").map(|_| ())
 }
 
-/// Whether `node` holds cluster `uid`'s marker.
-async fn has_marker_of(node: &Backend, uid: &str) -> Result<bool, String> {
-    let marker = reply_ok(
-        node.call(&["EVAL", GET_MARKER_SCRIPT, "1", MARKER_KEY])
+/// Whether `node` holds the data of cluster `uid`'s shard `shard`: the
+/// cluster's marker, with the shard's key (or none: marked before shards
+/// were).
+async fn holds_shard(node: &Backend, uid: &str, shard: ShardId) -> Result<bool, String> {
+    let reply = reply_ok(
+        node.call(&["EVAL", GET_MARKER_SCRIPT, "2", MARKER_KEY, SHARD_KEY])
             .await
             .map_err(backend_err)?,
         "marker check",
     )?;
-    Ok(text(&marker).as_deref() == Some(uid))
+    let Frame::Array(items) = reply else {
+        return Err(format!("marker check answered {reply:?}"));
+    };
+    let marker = items.first().and_then(text);
+    let marked_shard = items.get(1).and_then(text);
+    Ok(marker.as_deref() == Some(uid) && marked_shard.is_none_or(|s| s == shard.to_string()))
 }
 
-/// Runs the claim script: "same", "claimed", "other" or "foreign".
-async fn claim_once(node: &Backend, uid: &str) -> Result<String, String> {
+/// Runs the claim script: "same", "claimed", "other-shard", "other" or
+/// "foreign".
+async fn claim_once(node: &Backend, uid: &str, shard: ShardId) -> Result<String, String> {
     let reply = node
-        .call(&["EVAL", CLAIM_SCRIPT, "1", MARKER_KEY, uid])
+        .call(&[
+            "EVAL",
+            CLAIM_SCRIPT,
+            "2",
+            MARKER_KEY,
+            SHARD_KEY,
+            uid,
+            &shard.to_string(),
+        ])
         .await
         .map_err(backend_err)?;
     reply_ok(reply, "ownership check").map(|f| text(&f).unwrap_or_default())
 }
 
-async fn claim(node: &Backend, uid: &str) -> Result<(), String> {
-    match claim_once(node, uid).await?.as_str() {
+/// Claims `node` for cluster `uid`'s shard `shard`, flushing a deleted
+/// cluster's data, and another shard's of this cluster when
+/// `may_start_empty` (see [`ensure_master`]).
+async fn claim(
+    node: &Backend,
+    uid: &str,
+    shard: ShardId,
+    may_start_empty: bool,
+) -> Result<(), String> {
+    let flush_and_claim = || async {
+        flush(node).await?;
+        match claim_once(node, uid, shard).await?.as_str() {
+            "same" | "claimed" => Ok(()),
+            other => Err(format!(
+                "could not claim the node after flushing it ({other})"
+            )),
+        }
+    };
+    match claim_once(node, uid, shard).await?.as_str() {
         "same" | "claimed" => Ok(()),
         "other" => {
             tracing::warn!(
                 node = node.addr(),
                 "node holds data of a deleted cluster; flushing it before serving"
             );
-            flush(node).await?;
-            match claim_once(node, uid).await?.as_str() {
-                "same" | "claimed" => Ok(()),
-                other => Err(format!(
-                    "could not claim the node after flushing it ({other})"
-                )),
-            }
+            flush_and_claim().await
         }
+        "other-shard" if may_start_empty => {
+            tracing::warn!(
+                node = node.addr(),
+                shard,
+                "node holds another shard's data of this cluster (its proxy left the cluster \
+                 and came back without hearing it was freed); the shard owns no slots yet, \
+                 so flushing it before serving"
+            );
+            flush_and_claim().await
+        }
+        "other-shard" => Err(format!(
+            "node {} holds another shard's data of this cluster, not shard {shard}'s; \
+             refusing to serve it as shard {shard}",
+            node.addr()
+        )),
         "foreign" => Err(format!(
             "node {} holds keys redmesh did not write; refusing to serve them to this cluster \
              (inspect the node, then FLUSHALL it to release it)",
@@ -520,20 +574,20 @@ pub fn plan(view: &ProxyView) -> Plan {
 }
 
 /// What this process saw of its local nodes, by (node address, cluster
-/// uid). Found later without the cluster's marker, a node it served as
-/// master, or saw hold the data as a replica, lost that data (its Redis
-/// restarted empty).
+/// uid, shard). Found later without the shard's data, a node it served as
+/// the shard's master, or saw hold the data as its replica, lost that data
+/// (its Redis restarted empty).
 #[derive(Debug, Default)]
 pub struct Seen {
     /// Served as master. Such a node is not claimed again: it would serve
     /// the shard empty, and its replica, which holds the data, would then
     /// sync the emptiness. It stays unready until a failover promotes the
     /// replica (which its marker allows).
-    served: std::collections::HashSet<(String, String)>,
+    served: std::collections::HashSet<(String, String, ShardId)>,
     /// Seen holding the marker as a replica: its confirmations may be the
     /// only reason a source deleted moved keys, so it is never promoted
     /// empty.
-    synced: std::collections::HashSet<(String, String)>,
+    synced: std::collections::HashSet<(String, String, ShardId)>,
 }
 
 /// Carries out `plan` on the local nodes (`nodes[i]` is `redis_nodes[i]`)
@@ -584,21 +638,25 @@ pub async fn apply(
                 // once the node passed every check for its role: a Redis
                 // that restarted empty lacks it, so no client request
                 // reaches that node before this proxy has looked at it.
-                let key = (node.addr().to_owned(), uid.clone());
+                let shard = match &task.role {
+                    NodeRole::Master { shard } | NodeRole::Replica { shard, .. } => *shard,
+                    NodeRole::Idle => 0,
+                };
+                let key = (node.addr().to_owned(), uid.clone(), shard);
                 let outcome = match (&task.role, &task.master) {
                     (NodeRole::Master { .. }, _) => {
                         let was_served = seen.served.contains(&key);
                         let may_start_empty = !task.shard_owns_slots && !seen.synced.contains(&key);
                         let outcome = async {
-                            ensure_master(node, uid, may_start_empty).await?;
-                            if was_served && !has_marker_of(node, uid).await? {
+                            ensure_master(node, uid, shard, may_start_empty).await?;
+                            if was_served && !holds_shard(node, uid, shard).await? {
                                 return Err(format!(
                                     "node {} lost this cluster's data (its Redis restarted empty?); \
                                      not serving it again: its replica holds the shard for a failover",
                                     node.addr()
                                 ));
                             }
-                            claim(node, uid).await?;
+                            claim(node, uid, shard, may_start_empty).await?;
                             ensure_repl_user(node, repl_password).await?;
                             ensure_client_user(node, client).await
                         }
@@ -618,7 +676,7 @@ pub async fn apply(
                             };
                         // Best effort: a replica still loading its first
                         // sync cannot run the check, and has not synced.
-                        if outcome.is_ok() && has_marker_of(node, uid).await == Ok(true) {
+                        if outcome.is_ok() && holds_shard(node, uid, shard).await == Ok(true) {
                             seen.synced.insert(key);
                         }
                         outcome
