@@ -65,12 +65,14 @@ add chain inet $probe out { type filter hook output priority 0 ; }
 add rule inet $probe out socket cgroupv2 level 1 "$rel$probe" tcp dport 1 drop
 EOF
     export REDMESH_REQUIRE_PARTITIONS=1
+    # The chaos test cuts proxies off too, with its own fixed seed.
+    export REDMESH_CHAOS_PARTITIONS="${REDMESH_CHAOS_PARTITIONS:-1}"
   fi
   nft delete table inet "$probe" 2>/dev/null || true # absent if refused
   rmdir "$cg2/$probe"
 fi
 [ -n "${REDMESH_REQUIRE_PARTITIONS:-}" ] ||
-  say "no cgroup2 or nftables as root here: the network-partition test will skip"
+  say "no cgroup2 or nftables as root here: the network-partition test will skip, the chaos test will not partition"
 
 # One build per run: incremental caches would only fill the disk (they grew
 # to tens of GB here). Developers who rerun often can export
