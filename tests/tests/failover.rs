@@ -688,6 +688,38 @@ async fn a_master_redis_restarted_empty_is_not_served_and_its_replica_keeps_the_
     assert_eq!(redis_cli(replica_port, &["DBSIZE"]), keys);
     assert_eq!(redis_cli(replica_port, &["GET", "r0"]), "v0");
     assert_eq!(redis_cli(master_port, &["DBSIZE"]), "0");
+
+    // The proxy process restarts too, so it no longer remembers serving
+    // the node (a host whose proxy and Redis both came back before the
+    // control plane noticed). It still does not claim the empty node: the
+    // shard's replica holds the data.
+    let broker = sys.broker.url();
+    {
+        let p = sys.proxies.iter_mut().find(|p| p.id == m.proxy_id).unwrap();
+        p.child.as_mut().unwrap().kill();
+        p.start(&broker);
+    }
+    let text = eventually(
+        "the node refused by the new process",
+        Duration::from_secs(20),
+        || async {
+            let reply = redmesh_e2e::harness::raw_exchange(&master_proxy, b"GET r0\r\n").ok()?;
+            let text = String::from_utf8_lossy(&reply).into_owned();
+            assert!(
+                text.starts_with("-CLUSTERDOWN"),
+                "the emptied node answered: {text}"
+            );
+            text.contains("but its replica").then_some(text)
+        },
+    )
+    .await;
+    assert!(text.contains("lost this cluster's data"), "{text}");
+    // Nothing lets the replica in: the empty node has no replication user.
+    assert_eq!(
+        redis_cli(master_port, &["ACL", "GETUSER", "redmesh-repl"]),
+        ""
+    );
+    assert_eq!(redis_cli(replica_port, &["DBSIZE"]), keys);
 }
 
 /// Split brain: a proxy cut off from the control plane (it cannot reach

@@ -401,7 +401,17 @@ async fn reconcile_loop(
             {
                 reports.clone()
             }
-            _ => nodes::apply(&plan, &admins, &mut seen, &client_password).await,
+            _ => {
+                let remote = plan
+                    .remote_nodes()
+                    .into_iter()
+                    .map(|a| {
+                        let admin = routing::Links::remote_node(&mut links, &a).admin().clone();
+                        (a, admin)
+                    })
+                    .collect();
+                nodes::apply(&plan, &admins, &remote, &mut seen, &client_password).await
+            }
         };
         *reports_out.lock().unwrap_or_else(|e| e.into_inner()) = reports.clone();
         let table = RouteTable::build(&view, &mut links, &reports).after(&table_tx.borrow());

@@ -396,6 +396,49 @@ async fn holds_shard(node: &Backend, uid: &str, shard: ShardId) -> Result<bool, 
     Ok(marker.as_deref() == Some(uid) && marked_shard.is_none_or(|s| s == shard.to_string()))
 }
 
+/// Checked before a node that does not hold its shard's data is claimed
+/// for a shard that owns slots: none of the shard's replicas may hold the
+/// data. One that does means this node lost it — its Redis restarted
+/// empty, and this proxy process too, so it does not remember serving it —
+/// and claiming it would serve the shard empty while the replica, able to
+/// authenticate again, full-synced the emptiness. A replica that cannot be
+/// asked counts as holding the data. (A new cluster's replicas hold
+/// nothing: they cannot sync before their master is claimed.)
+async fn no_replica_holds(
+    node: &Backend,
+    replicas: &[Result<Address, String>],
+    remote: &std::collections::HashMap<String, Backend>,
+    uid: &str,
+    shard: ShardId,
+) -> Result<(), String> {
+    for replica in replicas {
+        let unknown = |why: String| {
+            format!(
+                "node {} does not hold shard {shard}'s data, and whether its replica does is \
+                 unknown ({why}); not claiming it until that is known",
+                node.addr()
+            )
+        };
+        let addr = replica.as_ref().map_err(|why| unknown(why.clone()))?;
+        let backend = remote
+            .get(&addr.to_string())
+            .ok_or_else(|| unknown(format!("no link to {addr}")))?;
+        match holds_shard(backend, uid, shard).await {
+            Ok(false) => {}
+            Ok(true) => {
+                return Err(format!(
+                    "node {} lost this cluster's data (its Redis restarted empty?) but its \
+                     replica {addr} holds it; not serving it: its replica holds the shard for \
+                     a failover",
+                    node.addr()
+                ))
+            }
+            Err(e) => return Err(unknown(format!("{addr}: {e}"))),
+        }
+    }
+    Ok(())
+}
+
 /// Runs the claim script: "same", "claimed", "other-shard", "other" or
 /// "foreign".
 async fn claim_once(node: &Backend, uid: &str, shard: ShardId) -> Result<String, String> {
@@ -503,6 +546,21 @@ pub struct NodeTask {
     pub shard_owns_slots: bool,
     /// For a replica: its master's address, or why it is unknown.
     pub master: Option<Result<Address, String>>,
+    /// For a master: its shard's replicas' addresses, or why unknown.
+    pub replicas: Vec<Result<Address, String>>,
+}
+
+impl Plan {
+    /// The other proxies' nodes [`apply`] may ask (masters' replicas).
+    pub fn remote_nodes(&self) -> Vec<String> {
+        match self {
+            Plan::Serve { nodes, .. } => nodes
+                .iter()
+                .flat_map(|t| t.replicas.iter().flatten().map(|a| a.to_string()))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// What the topology asks of the local nodes. Two equal plans need the same
@@ -545,16 +603,22 @@ pub fn plan(view: &ProxyView) -> Plan {
             uid: cluster.uid.clone(),
             repl_password: ReplPassword::of(cluster),
             nodes: Box::new(cluster.node_roles(&view.proxy_id).map(|role| {
+                let address = |node: &redmesh_model::NodeRef, what: &str| {
+                    view.member(&node.proxy_id)
+                        .and_then(|p| p.node_address(node.node_index))
+                        .cloned()
+                        .ok_or_else(|| format!("{what} node of proxy {} is unknown", node.proxy_id))
+                };
                 let master = match &role {
-                    NodeRole::Replica { master, .. } => Some(
-                        view.member(&master.proxy_id)
-                            .and_then(|p| p.node_address(master.node_index))
-                            .cloned()
-                            .ok_or_else(|| {
-                                format!("master node of proxy {} is unknown", master.proxy_id)
-                            }),
-                    ),
+                    NodeRole::Replica { master, .. } => Some(address(master, "master")),
                     _ => None,
+                };
+                let replicas = match &role {
+                    NodeRole::Master { shard } => cluster
+                        .shard(*shard)
+                        .map(|s| s.replicas.iter().map(|r| address(r, "replica")).collect())
+                        .unwrap_or_default(),
+                    _ => Vec::new(),
                 };
                 let shard_owns_slots = match &role {
                     NodeRole::Master { shard } | NodeRole::Replica { shard, .. } => {
@@ -565,6 +629,7 @@ pub fn plan(view: &ProxyView) -> Plan {
                 NodeTask {
                     role,
                     master,
+                    replicas,
                     shard_owns_slots,
                 }
             })),
@@ -591,11 +656,13 @@ pub struct Seen {
 }
 
 /// Carries out `plan` on the local nodes (`nodes[i]` is `redis_nodes[i]`)
-/// and reports per node, updating `seen`. Idempotent: only what differs is
+/// and reports per node, updating `seen`. `remote` reaches the nodes of
+/// [`Plan::remote_nodes`] by address. Idempotent: only what differs is
 /// changed.
 pub async fn apply(
     plan: &Plan,
     nodes: &[Backend; 2],
+    remote: &std::collections::HashMap<String, Backend>,
     seen: &mut Seen,
     client: &ClientPassword,
 ) -> Vec<NodeReport> {
@@ -655,6 +722,10 @@ pub async fn apply(
                                      not serving it again: its replica holds the shard for a failover",
                                     node.addr()
                                 ));
+                            }
+                            if task.shard_owns_slots && !holds_shard(node, uid, shard).await? {
+                                no_replica_holds(node, &task.replicas, remote, uid, shard)
+                                    .await?;
                             }
                             claim(node, uid, shard, may_start_empty).await?;
                             ensure_repl_user(node, repl_password).await?;
