@@ -551,6 +551,26 @@ impl System {
             .collect()
     }
 
+    /// Waits (60 s at most) until proxy `victim` is out of every chunk of
+    /// cluster `name` and every shard has a replica again — a failover and
+    /// replacement done — and returns the cluster and its proxies.
+    pub async fn wait_replaced(&self, name: &str, victim: &str) -> (v1::Cluster, Vec<v1::Proxy>) {
+        crate::harness::eventually(
+            &format!("proxy {victim} replaced in cluster {name}"),
+            Duration::from_secs(60),
+            || async {
+                let (c, proxies) = self.get_cluster(name).await;
+                let replaced = c
+                    .chunks
+                    .iter()
+                    .all(|ch| !ch.proxy_ids.iter().any(|p| p == victim))
+                    && c.shards.iter().all(|s| !s.replicas.is_empty());
+                replaced.then_some((c, proxies))
+            },
+        )
+        .await
+    }
+
     /// Waits until every member proxy has installed the cluster at an epoch
     /// at least the cluster's, with both local nodes applied.
     pub async fn wait_cluster_ok(&self, cluster: &v1::Cluster) {

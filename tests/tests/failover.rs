@@ -606,16 +606,24 @@ async fn replica_that_never_synced_is_not_promoted_to_serve_an_empty_shard() {
     assert_eq!(reply, b"$2\r\nv1\r\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_master_redis_restarted_empty_is_not_served_and_its_replica_keeps_the_data() {
-    // No control plane: nothing fails over, so what the proxies do alone
-    // with a master's Redis that comes back empty is all that happens.
-    let mut sys = System::start(2);
-    sys.register_all().await;
-    let cluster = sys
-        .create_cluster("restart", 4, v1::ClusterConfig::default())
-        .await;
-    let entry = sys.members(&cluster)[0].plain.clone();
+/// A master node whose Redis restarted empty, and what it held.
+struct Emptied {
+    /// The node.
+    master: v1::NodeRef,
+    /// Its Redis port.
+    master_port: u16,
+    /// Its replica's Redis port.
+    replica_port: u16,
+    /// The replica's DBSIZE: what the shard held.
+    keys: String,
+}
+
+/// Writes 200 keys through the plain listener, waits until the replica of
+/// the master holding `r0` has them all, then kill -9s that master's Redis
+/// and restarts it at once without its data (no persistence), as a
+/// supervisor would.
+async fn empty_a_master(sys: &mut System, cluster: &v1::Cluster) -> Emptied {
+    let entry = sys.members(cluster)[0].plain.clone();
     for i in 0..200 {
         let set = format!("SET r{i} v{i}\r\n");
         assert_eq!(
@@ -651,6 +659,61 @@ async fn a_master_redis_restarted_empty_is_not_served_and_its_replica_keeps_the_
         node.kill();
         node.restart();
     }
+    Emptied {
+        master: m,
+        master_port,
+        replica_port,
+        keys,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_redis_restarted_empty_is_failed_over_to_its_replica() {
+    // proxy-0/2 on host-a, proxy-1/3 on host-b: one chunk serves, one
+    // proxy per host stays free for the replacement.
+    let mut sys = System::start(4);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("reborn", 4, v1::ClusterConfig::default())
+        .await;
+    let (_checkers, _co) = sys.start_control_plane().await;
+    let emptied = empty_a_master(&mut sys, &cluster).await;
+    let restarted = Instant::now();
+    // The checkers' PING of the node is answered; its proxy, which will
+    // not serve it, answers them NOT_SERVING, and the coordinator fails
+    // the proxy over: the replica, which kept the data, takes the shard.
+    let victim = emptied.master.proxy_id.clone();
+    let (healed, _) = sys.wait_replaced("reborn", &victim).await;
+    eprintln!(
+        "a master's Redis restarted empty: proxy failed over {} ms later",
+        restarted.elapsed().as_millis()
+    );
+    sys.wait_cluster_ok(&healed).await;
+    let client = patient_cluster_client(sys.members(&healed).iter().map(|p| &p.resp));
+    let mut conn = client.get_async_connection().await.unwrap();
+    for i in 0..200 {
+        let v: Option<String> = conn.get(format!("r{i}")).await.unwrap();
+        assert_eq!(v, Some(format!("v{i}")), "r{i}");
+    }
+    assert_eq!(redis_cli(emptied.replica_port, &["GET", "r0"]), "v0");
+    assert_eq!(emptied.keys, redis_cli(emptied.replica_port, &["DBSIZE"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_redis_restarted_empty_is_not_served_and_its_replica_keeps_the_data() {
+    // No control plane: nothing fails over, so what the proxies do alone
+    // with a master's Redis that comes back empty is all that happens.
+    let mut sys = System::start(2);
+    sys.register_all().await;
+    let cluster = sys
+        .create_cluster("restart", 4, v1::ClusterConfig::default())
+        .await;
+    let Emptied {
+        master: m,
+        master_port,
+        replica_port,
+        keys,
+    } = empty_a_master(&mut sys, &cluster).await;
     // Its replica reconnects and is refused (no replication user there),
     // instead of full-syncing an empty dataset over the shard's data.
     let refused = eventually(
@@ -684,7 +747,7 @@ async fn a_master_redis_restarted_empty_is_not_served_and_its_replica_keeps_the_
         text.contains("lost this cluster's data").then_some(text)
     })
     .await;
-    assert!(text.contains("not serving it again"), "{text}");
+    assert!(text.contains("not claimed again"), "{text}");
     assert_eq!(redis_cli(replica_port, &["DBSIZE"]), keys);
     assert_eq!(redis_cli(replica_port, &["GET", "r0"]), "v0");
     assert_eq!(redis_cli(master_port, &["DBSIZE"]), "0");

@@ -499,17 +499,7 @@ async fn a_source_proxy_killed_mid_task_fails_over_and_the_task_finishes() {
     // cluster marked as migrated by the task, so a second scale and a
     // delete are refused meanwhile.
     pause(&m, "src", &task).await;
-    let (healed, _) = eventually(
-        "the dead proxy replaced",
-        Duration::from_secs(60),
-        || async {
-            let (c, proxies) = sys.get_cluster("src").await;
-            let replaced = c.chunks.iter().all(|ch| !ch.proxy_ids.contains(&victim))
-                && c.shards.iter().all(|s| !s.replicas.is_empty());
-            replaced.then_some((c, proxies))
-        },
-    )
-    .await;
+    let (healed, _) = sys.wait_replaced("src", &victim).await;
     let mark = healed.task.clone().unwrap_or_default();
     assert_eq!(
         (mark.kind, mark.id.as_str()),
@@ -680,17 +670,7 @@ async fn a_new_shard_whose_master_dies_before_its_replica_synced_starts_over_emp
     let done = finished(&m, "orphan", &task).await;
     let t = done.task.clone().unwrap();
     assert_eq!(t.state, MigrationState::Completed as i32, "{t:?}");
-    let (grown, _) = eventually(
-        "the dead proxy replaced",
-        Duration::from_secs(60),
-        || async {
-            let (c, proxies) = sys.get_cluster("orphan").await;
-            let replaced = c.chunks.iter().all(|ch| !ch.proxy_ids.contains(&victim))
-                && c.shards.iter().all(|s| !s.replicas.is_empty());
-            replaced.then_some((c, proxies))
-        },
-    )
-    .await;
+    let (grown, _) = sys.wait_replaced("orphan", &victim).await;
     assert_eq!(slots_per_shard(&grown), vec![4096; 4]);
     sys.wait_cluster_ok(&grown).await;
     stop.store(true, Ordering::Relaxed);

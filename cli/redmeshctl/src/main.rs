@@ -1097,6 +1097,7 @@ fn health_name(raw: i32) -> &'static str {
     match v1::HealthStatus::try_from(raw) {
         Ok(v1::HealthStatus::Up) => "up",
         Ok(v1::HealthStatus::Down) => "down",
+        Ok(v1::HealthStatus::NotServing) => "not serving",
         _ => "unknown",
     }
 }

@@ -8,7 +8,7 @@ use redmesh_store::{MetaError, StoreError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::RoutesBuilder;
-use tonic_health::server::HealthReporter;
+pub use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 /// gRPC server failures.
@@ -89,6 +89,17 @@ pub async fn with_health_and_reflection(
         .add_service(v1)
         .add_service(v1alpha);
     Ok(reporter)
+}
+
+/// Sets the server's overall health (service ""): SERVING, or NOT_SERVING
+/// when it cannot do its job though it answers.
+pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
 }
 
 /// Serves `routes` on `listener` until `shutdown` is cancelled, then stops

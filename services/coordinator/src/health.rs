@@ -31,6 +31,8 @@ pub struct Tally {
     pub down: usize,
     /// Checkers saying UP.
     pub up: usize,
+    /// Checkers saying NOT_SERVING (it answers that it cannot serve).
+    pub not_serving: usize,
 }
 
 impl Votes {
@@ -95,6 +97,7 @@ impl Votes {
                     match target.status() {
                         v1::HealthStatus::Down => t.down += 1,
                         v1::HealthStatus::Up => t.up += 1,
+                        v1::HealthStatus::NotServing => t.not_serving += 1,
                         v1::HealthStatus::Unspecified => {}
                     }
                 }
@@ -110,14 +113,25 @@ impl Votes {
 
     /// Why `proxy` must be failed out of `cluster`, if it must: its RESP
     /// listener, or a Redis node that is a master in the cluster, is DOWN
-    /// for a quorum. A dead replica node alone fails nothing over: the
-    /// masters keep serving and the proxy re-applies the role when the
-    /// node returns.
+    /// for a quorum, or the proxy answers a quorum that it cannot serve
+    /// (admin health NOT_SERVING: a master node of its lost its shard's
+    /// data, which its replica holds). A dead replica node alone fails
+    /// nothing over: the masters keep serving and the proxy re-applies the
+    /// role when the node returns. An admin server that does not answer
+    /// fails nothing over either (only a proxy's own word does): a
+    /// misconfigured admin port must not take every proxy out.
     pub fn failure(&self, proxy: &ProxyId, cluster: &Cluster) -> Option<String> {
         let of = self.live.len();
         if let Some(n) = self.down(proxy, v1::TargetKind::ProxyResp, 0) {
             return Some(format!(
                 "RESP listener of proxy {proxy} is down ({n} of {of} checkers)"
+            ));
+        }
+        let n = self.tally(proxy, v1::TargetKind::ProxyAdmin, 0).not_serving;
+        if n >= self.quorum() {
+            return Some(format!(
+                "proxy {proxy} answers that it cannot serve (health NOT_SERVING, {n} of {of} \
+                 checkers): a master node of its lost its shard's data"
             ));
         }
         for (i, role) in cluster.node_roles(proxy).iter().enumerate() {

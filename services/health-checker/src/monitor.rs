@@ -2,8 +2,9 @@
 //! allocated), the verdict on each of its four targets, and the publication
 //! of verdict changes to etcd and to `WatchHealth` subscribers.
 //!
-//! A target turns DOWN after `failures` consecutive failed probes and UP on
-//! the first success. Only changes are written to etcd (one record per
+//! A target turns DOWN after `failures` consecutive failed probes,
+//! NOT_SERVING after as many answers that it cannot serve, and UP on the
+//! first answer that it can. Only changes are written to etcd (one record per
 //! proxy, under the checker's lease), so a healthy pool costs no writes.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,7 +20,7 @@ use tokio::sync::{broadcast, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::probe::Probe;
+use crate::probe::{Answer, Probe};
 
 /// Probe timing.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +41,8 @@ struct TargetState {
     address: String,
     status: v1::HealthStatus,
     consecutive_failures: u32,
+    /// Consecutive answers that the target cannot serve.
+    consecutive_not_serving: u32,
     last_rtt_us: u64,
     last_error: String,
     since: SystemTime,
@@ -53,6 +56,7 @@ impl TargetState {
             address: address.to_owned(),
             status: v1::HealthStatus::Unspecified,
             consecutive_failures: 0,
+            consecutive_not_serving: 0,
             last_rtt_us: 0,
             last_error: String::new(),
             since: SystemTime::now(),
@@ -60,15 +64,25 @@ impl TargetState {
     }
 
     /// Records a probe result; returns whether the verdict changed.
-    fn record(&mut self, result: Result<Duration, String>, failures: u32) -> bool {
+    fn record(&mut self, result: Result<Answer, String>, failures: u32) -> bool {
         let before = self.status;
         match result {
-            Ok(rtt) => {
+            Ok(answer) => {
                 self.consecutive_failures = 0;
-                self.last_rtt_us = rtt.as_micros() as u64;
-                self.status = v1::HealthStatus::Up;
+                self.last_rtt_us = answer.rtt.as_micros() as u64;
+                if answer.serving {
+                    self.consecutive_not_serving = 0;
+                    self.status = v1::HealthStatus::Up;
+                } else {
+                    self.consecutive_not_serving = self.consecutive_not_serving.saturating_add(1);
+                    self.last_error = "answers that it cannot serve (health NOT_SERVING)".into();
+                    if self.consecutive_not_serving >= failures {
+                        self.status = v1::HealthStatus::NotServing;
+                    }
+                }
             }
             Err(e) => {
+                self.consecutive_not_serving = 0;
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
                 self.last_error = e;
                 if self.consecutive_failures >= failures {
@@ -223,7 +237,7 @@ impl Monitor {
     }
 
     /// Applies one round of probe results of `proxy`.
-    fn apply(&self, proxy: &ProxyId, spec: &ProxySpec, results: Vec<Result<Duration, String>>) {
+    fn apply(&self, proxy: &ProxyId, spec: &ProxySpec, results: Vec<Result<Answer, String>>) {
         let mut changed = Vec::new();
         {
             let mut proxies = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
@@ -233,8 +247,12 @@ impl Monitor {
             };
             for (t, r) in w.targets.iter_mut().zip(results) {
                 let kind = t.kind.as_str_name();
-                let ok = r.is_ok();
-                metrics::counter!("redmesh_health_checker_probes_total", "target" => kind, "result" => if ok { "ok" } else { "error" }).increment(1);
+                let result = match &r {
+                    Ok(a) if a.serving => "ok",
+                    Ok(_) => "not_serving",
+                    Err(_) => "error",
+                };
+                metrics::counter!("redmesh_health_checker_probes_total", "target" => kind, "result" => result).increment(1);
                 if t.record(r, self.timing.failures) {
                     metrics::counter!("redmesh_health_checker_verdicts_total", "target" => kind, "status" => t.status.as_str_name()).increment(1);
                     changed.push(t.to_proto(proxy));
@@ -415,4 +433,37 @@ async fn flush_dirty(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(serving: bool) -> Result<Answer, String> {
+        Ok(Answer {
+            rtt: Duration::from_micros(50),
+            serving,
+        })
+    }
+
+    #[test]
+    fn a_target_is_not_serving_after_as_many_such_answers_as_failures_make_it_down() {
+        let mut t = TargetState::new(v1::TargetKind::ProxyAdmin, 0, "127.0.0.1:1");
+        assert!(t.record(answer(true), 3));
+        assert_eq!(t.status, v1::HealthStatus::Up);
+        assert!(!t.record(answer(false), 3));
+        assert!(!t.record(answer(false), 3));
+        assert_eq!(t.status, v1::HealthStatus::Up);
+        assert!(t.record(answer(false), 3));
+        assert_eq!(t.status, v1::HealthStatus::NotServing);
+        assert!(t.last_error.contains("NOT_SERVING"), "{}", t.last_error);
+        // Silence then counts as failures from zero.
+        assert!(!t.record(Err("no answer".into()), 3));
+        assert!(!t.record(Err("no answer".into()), 3));
+        assert!(t.record(Err("no answer".into()), 3));
+        assert_eq!(t.status, v1::HealthStatus::Down);
+        // One serving answer brings it back.
+        assert!(t.record(answer(true), 3));
+        assert_eq!(t.status, v1::HealthStatus::Up);
+    }
 }

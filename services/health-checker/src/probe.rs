@@ -3,8 +3,10 @@
 //!
 //! Any well-formed RESP reply counts as alive, errors included (`-NOAUTH`,
 //! `-LOADING`): the question is whether the process answers, not whether it
-//! likes us. A timed-out or failed probe drops the connection, so the next
-//! probe starts clean instead of reading a stale reply.
+//! likes us. A gRPC health answer of NOT_SERVING is an answer too, but one
+//! saying the proxy cannot serve (see [`Answer::serving`]). A timed-out or
+//! failed probe drops the connection, so the next probe starts clean
+//! instead of reading a stale reply.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,16 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+
+/// A target's answer to one probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    /// Round-trip time.
+    pub rtt: Duration,
+    /// `false` when the target answered that it cannot serve (gRPC health
+    /// NOT_SERVING).
+    pub serving: bool,
+}
 
 /// How a target is probed.
 pub enum Probe {
@@ -58,8 +70,8 @@ impl Probe {
         }
     }
 
-    /// Probes once within `timeout`; `Ok` carries the round-trip time.
-    pub async fn check(&mut self, timeout: Duration) -> Result<Duration, String> {
+    /// Probes once within `timeout`.
+    pub async fn check(&mut self, timeout: Duration) -> Result<Answer, String> {
         let start = Instant::now();
         let outcome = match tokio::time::timeout(timeout, self.check_inner(timeout)).await {
             Ok(r) => r,
@@ -68,7 +80,10 @@ impl Probe {
         if outcome.is_err() {
             self.reset();
         }
-        outcome.map(|()| start.elapsed())
+        outcome.map(|serving| Answer {
+            rtt: start.elapsed(),
+            serving,
+        })
     }
 
     fn reset(&mut self) {
@@ -78,7 +93,8 @@ impl Probe {
         }
     }
 
-    async fn check_inner(&mut self, timeout: Duration) -> Result<(), String> {
+    /// `Ok(serving)` for an answer.
+    async fn check_inner(&mut self, timeout: Duration) -> Result<bool, String> {
         match self {
             Self::Resp { addr, conn } => {
                 if conn.is_none() {
@@ -105,7 +121,7 @@ impl Probe {
                     .map_err(|e| format!("read: {e}"))?;
                 match line.as_bytes().first() {
                     _ if n == 0 => Err("connection closed".into()),
-                    Some(b'+' | b'-') if line.ends_with("\r\n") => Ok(()),
+                    Some(b'+' | b'-') if line.ends_with("\r\n") => Ok(true),
                     _ => Err(format!(
                         "unexpected reply {:?}",
                         line.chars().take(64).collect::<String>()
@@ -130,7 +146,8 @@ impl Probe {
                     .await
                     .map_err(|s| format!("health check: {}", s.message()))?;
                 match reply.into_inner().status() {
-                    ServingStatus::Serving => Ok(()),
+                    ServingStatus::Serving => Ok(true),
+                    ServingStatus::NotServing => Ok(false),
                     other => Err(format!("health status {}", other.as_str_name())),
                 }
             }

@@ -181,11 +181,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ..BackendOptions::default()
     };
     let retired = Arc::new(routing::Retired::default());
+    let (lost_tx, lost_rx) = watch::channel(false);
     tokio::spawn(reconcile_loop(
         feed.subscribe(),
         table_tx,
         retired.clone(),
         reports.clone(),
+        lost_tx,
         opts,
         shutdown.clone(),
     ));
@@ -227,6 +229,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         admin,
     ));
     let health = grpc::with_health_and_reflection(&mut routes, &["redmesh.v1.ProxyAdmin"]).await?;
+    tokio::spawn(report_lost_data(health.clone(), lost_rx, shutdown.clone()));
     let admin_task = tokio::spawn(grpc::serve(
         admin_listener,
         routes,
@@ -339,8 +342,10 @@ fn nonzero(d: Duration) -> Option<Duration> {
 }
 
 /// Re-check the local nodes this often even when nothing changed, so a
-/// Redis that restarted and forgot its role is corrected.
-const VERIFY_EVERY: Duration = Duration::from_secs(5);
+/// Redis that restarted and forgot its role is corrected, and one that
+/// restarted empty is reported (and failed over) soon. A check is a few
+/// commands per node.
+const VERIFY_EVERY: Duration = Duration::from_secs(1);
 /// Retry this often while a node is not ready.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -353,6 +358,7 @@ async fn reconcile_loop(
     table_tx: watch::Sender<Arc<RouteTable>>,
     retired: Arc<routing::Retired>,
     reports_out: Arc<Mutex<Vec<NodeReport>>>,
+    lost_out: watch::Sender<bool>,
     opts: BackendOptions,
     shutdown: CancellationToken,
 ) {
@@ -414,6 +420,10 @@ async fn reconcile_loop(
             }
         };
         *reports_out.lock().unwrap_or_else(|e| e.into_inner()) = reports.clone();
+        lost_out.send_if_modified(|lost| {
+            let now = reports.iter().any(NodeReport::lost_data);
+            std::mem::replace(lost, now) != now
+        });
         let table = RouteTable::build(&view, &mut links, &reports).after(&table_tx.borrow());
         links.finish();
         if table.epoch != table_tx.borrow().epoch || !recheck {
@@ -426,6 +436,33 @@ async fn reconcile_loop(
         let old = table_tx.send_replace(Arc::new(table));
         retired.retire(&old);
         applied = Some((plan, reports));
+    }
+}
+
+/// Answers the health-checkers NOT_SERVING (gRPC health of the admin
+/// server) while a local master node lost its shard's data and its replica
+/// holds it: a quorum of checkers hearing that makes the coordinator fail
+/// this proxy over, promoting the replica. Only a failover brings such a
+/// shard back, and the checkers' PING of the node itself cannot tell (the
+/// restarted Redis answers).
+async fn report_lost_data(
+    reporter: grpc::HealthReporter,
+    mut lost: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = lost.changed() => if changed.is_err() { return },
+        }
+        let lost = *lost.borrow_and_update();
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if lost {
+            tracing::error!("a master node lost its shard's data; asking to be failed over (health NOT_SERVING)");
+        }
+        grpc::set_serving(&reporter, !lost).await;
     }
 }
 

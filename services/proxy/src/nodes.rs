@@ -78,6 +78,25 @@ impl NodeReport {
     pub fn ready(&self) -> bool {
         self.outcome.is_ok()
     }
+
+    /// Whether the node is a master that lost its shard's data (its Redis
+    /// restarted empty) while the shard's replica holds it: only a
+    /// failover, which promotes that replica, brings the shard back.
+    pub fn lost_data(&self) -> bool {
+        matches!(&self.outcome, Err(e) if e.starts_with(LOST_DATA))
+    }
+}
+
+/// How the errors of [`NodeReport::lost_data`] begin.
+const LOST_DATA: &str = "lost its shard's data:";
+
+/// The error of a master node that lost its shard's data, `why` we know.
+fn lost_data(node: &Backend, why: &str) -> String {
+    format!(
+        "{LOST_DATA} node {} lost this cluster's data (its Redis restarted empty?) {why}; \
+         not serving it: its replica holds the shard for a failover",
+        node.addr()
+    )
 }
 
 fn text(f: &Frame) -> Option<String> {
@@ -425,14 +444,7 @@ async fn no_replica_holds(
             .ok_or_else(|| unknown(format!("no link to {addr}")))?;
         match holds_shard(backend, uid, shard).await {
             Ok(false) => {}
-            Ok(true) => {
-                return Err(format!(
-                    "node {} lost this cluster's data (its Redis restarted empty?) but its \
-                     replica {addr} holds it; not serving it: its replica holds the shard for \
-                     a failover",
-                    node.addr()
-                ))
-            }
+            Ok(true) => return Err(lost_data(node, &format!("but its replica {addr} holds it"))),
             Err(e) => return Err(unknown(format!("{addr}: {e}"))),
         }
     }
@@ -717,15 +729,13 @@ pub async fn apply(
                         let outcome = async {
                             ensure_master(node, uid, shard, may_start_empty).await?;
                             if was_served && !holds_shard(node, uid, shard).await? {
-                                return Err(format!(
-                                    "node {} lost this cluster's data (its Redis restarted empty?); \
-                                     not serving it again: its replica holds the shard for a failover",
-                                    node.addr()
+                                return Err(lost_data(
+                                    node,
+                                    "after this proxy served it, so it is not claimed again",
                                 ));
                             }
                             if task.shard_owns_slots && !holds_shard(node, uid, shard).await? {
-                                no_replica_holds(node, &task.replicas, remote, uid, shard)
-                                    .await?;
+                                no_replica_holds(node, &task.replicas, remote, uid, shard).await?;
                             }
                             claim(node, uid, shard, may_start_empty).await?;
                             ensure_repl_user(node, repl_password).await?;
