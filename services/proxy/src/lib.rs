@@ -341,18 +341,15 @@ fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
-/// Re-check the local nodes this often even when nothing changed, so a
-/// Redis that restarted and forgot its role is corrected, and one that
-/// restarted empty is reported (and failed over) soon. A check is a few
-/// commands per node.
-const VERIFY_EVERY: Duration = Duration::from_secs(1);
-/// Retry this often while a node is not ready.
-const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// Re-check the local nodes this often even when nothing changed (and
+/// retry this often while one is not ready), so a Redis that restarted and
+/// forgot its role is corrected, and one that restarted empty is reported
+/// (and failed over) soon. A check is a few commands per node.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Applies every new view to the local nodes, then publishes its route
 /// table. A view whose node plan equals the last applied one is installed
-/// at once; nodes are re-checked every `VERIFY_EVERY` and retried every
-/// `RETRY_EVERY` while not ready.
+/// at once; nodes are re-checked every `CHECK_EVERY`.
 async fn reconcile_loop(
     mut views: watch::Receiver<Option<Arc<ProxyView>>>,
     table_tx: watch::Sender<Arc<RouteTable>>,
@@ -369,10 +366,6 @@ async fn reconcile_loop(
     let mut applied: Option<(nodes::Plan, Vec<NodeReport>)> = None;
     let mut seen = nodes::Seen::default();
     loop {
-        let settled = applied
-            .as_ref()
-            .is_none_or(|(_, r)| r.iter().all(NodeReport::ready));
-        let wait = if settled { VERIFY_EVERY } else { RETRY_EVERY };
         let mut recheck = false;
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -382,7 +375,7 @@ async fn reconcile_loop(
                 }
                 current = views.borrow_and_update().clone();
             }
-            _ = tokio::time::sleep(wait), if current.is_some() => recheck = true,
+            _ = tokio::time::sleep(CHECK_EVERY), if current.is_some() => recheck = true,
         }
         let Some(view) = current.clone() else {
             continue;

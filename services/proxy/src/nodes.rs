@@ -658,7 +658,8 @@ pub fn plan(view: &ProxyView) -> Plan {
 pub struct Seen {
     /// Served as master. Such a node is not claimed again: it would serve
     /// the shard empty, and its replica, which holds the data, would then
-    /// sync the emptiness. It stays unready until a failover promotes the
+    /// sync the emptiness. It stays unready ([`NodeReport::lost_data`], so
+    /// the proxy asks to be failed over) until a failover promotes the
     /// replica (which its marker allows).
     served: std::collections::HashSet<(String, String, ShardId)>,
     /// Seen holding the marker as a replica: its confirmations may be the
