@@ -587,6 +587,25 @@ async fn no_key_moves_into_a_shard_whose_replica_never_confirms_even_under_async
     assert_eq!(progress(&m, "unsynced", &task).await.unwrap().keys_moved, 0);
     // Every key still reads back, from where it always was.
     verify(&sys.members(&cluster)[0].resp).await;
+
+    // Cancelled, the task ends although those moves never could: they are
+    // turned around (nothing moved, so nothing goes back) instead of being
+    // waited for, and the chunk returns to the pool.
+    migrator(&m)
+        .await
+        .cancel_migration(v1::CancelMigrationRequest {
+            cluster: "unsynced".into(),
+            task_id: task.clone(),
+        })
+        .await
+        .expect("cancel");
+    let done = finished(&m, "unsynced", &task).await;
+    let t = done.task.as_ref().unwrap();
+    assert_eq!(t.state, MigrationState::Cancelled as i32, "{t:?}");
+    let after = sys.get_cluster("unsynced").await.0;
+    assert_eq!(after.chunks, cluster.chunks);
+    assert_eq!(after.slots, cluster.slots);
+    verify(&sys.members(&cluster)[0].resp).await;
 }
 
 /// Gives the replication user on `node` the cluster's password but not

@@ -196,6 +196,41 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Turns `task`'s move `mv` around mid-way, for a cancel: the
+    /// destination becomes the owner, moving the range back to the source,
+    /// at stage `Move`. Every key stays where it is, in one place, and a
+    /// proxy on either view finds it (the owner serves the keys it holds and
+    /// sends the rest on with `-ASK`), so only the keys that already moved
+    /// have to move back. Repeating it changes nothing; a move that reached
+    /// `Commit` is finished instead.
+    pub fn turn_back_move(&self, mv: &Move, task: &str) -> Result<Cluster, ModelError> {
+        let mut c = self.clone();
+        isolate(&mut c.slots, mv.range);
+        for a in c.slots.iter_mut().filter(|a| overlaps(a.range, mv.range)) {
+            match &mut a.migration {
+                Some(m)
+                    if m.task_id == task
+                        && m.stage != MigrationStage::Commit
+                        && a.shard == mv.from
+                        && m.target_shard == mv.to =>
+                {
+                    a.shard = mv.to;
+                    m.target_shard = mv.from;
+                    m.stage = MigrationStage::Move;
+                }
+                Some(m) if m.task_id == task && a.shard == mv.to && m.target_shard == mv.from => {}
+                _ => {
+                    return Err(ModelError::FailedPrecondition(format!(
+                        "slots {} are not being moved from shard {} to {} by task {task}",
+                        a.range, mv.from, mv.to
+                    )))
+                }
+            }
+        }
+        c.check()?;
+        Ok(c)
+    }
+
     /// Ends `task`'s move of `range`: the destination owns the slots when
     /// `done`, else (an abandoned prepare) the source keeps them. Slots no
     /// longer marked (a repeated step) are left as they are.
@@ -373,6 +408,40 @@ mod tests {
             *out.entry(a.shard).or_insert(0) += a.range.len();
         }
         out
+    }
+
+    #[test]
+    fn a_move_turned_back_mid_way_moves_back_to_its_source() {
+        let big = cluster(vec![chunk("a", "b")])
+            .with_chunks(&[chunk("c", "d")])
+            .unwrap();
+        let m = plan_moves(&big, &[]).unwrap()[0].clone();
+        let moving = big
+            .begin_move(&m, "t")
+            .unwrap()
+            .set_move_stage(m.range, "t", MigrationStage::Move)
+            .unwrap();
+        let back = moving.turn_back_move(&m, "t").unwrap();
+        let a = back.assignment_of(m.range.start()).unwrap();
+        assert_eq!(a.shard, m.to);
+        let mig = a.migration.as_ref().unwrap();
+        assert_eq!(
+            (mig.target_shard, mig.stage),
+            (m.from, MigrationStage::Move)
+        );
+        assert_eq!(back.turn_back_move(&m, "t").unwrap(), back, "repeated");
+        assert!(back.shard_owns_slots(m.to));
+        // Moved back, the source owns the range again.
+        assert_eq!(
+            counts(&back.end_move(m.range, "t", true)),
+            counts(&big),
+            "the slots went back"
+        );
+        // A committed move is not turned around.
+        let committed = moving
+            .set_move_stage(m.range, "t", MigrationStage::Commit)
+            .unwrap();
+        assert!(committed.turn_back_move(&m, "t").is_err());
     }
 
     #[test]

@@ -488,10 +488,18 @@ impl Runner {
                         self.save(l, s).await?;
                         return Err(Stop::Idle);
                     }
+                    s.revision = fresh.revision;
                     if theirs == MigrationState::Cancelling {
                         s.task.state = fresh.task.state;
+                        if !s.task.ranges.iter().any(|r| r.reverse) {
+                            // Cancelled mid-move: the caller turns the
+                            // moves around rather than finish them (one
+                            // may never finish: its destination's replica
+                            // never confirming a copy).
+                            self.save(l, s).await?;
+                            return Ok(());
+                        }
                     }
-                    s.revision = fresh.revision;
                 }
             }
             let (c, proxies) = self.cluster(name).await?;
@@ -642,8 +650,10 @@ impl Runner {
         Ok(())
     }
 
-    /// On cancel: drop queued moves, abandon a move still preparing, let a
-    /// move in flight finish, then queue the moves back of everything moved.
+    /// On cancel: drop queued moves, abandon a move still preparing, finish
+    /// a move already committing, turn a move under way around (its keys
+    /// that moved go back, see [`Cluster::turn_back_move`]), then queue the
+    /// moves back of everything moved.
     async fn plan_cancel(
         &self,
         l: &Leadership,
@@ -672,6 +682,47 @@ impl Runner {
             }
         }
         s.task.ranges = keep;
+        // Commits first: their keys are all at the destination already.
+        while let Some(i) = s
+            .task
+            .ranges
+            .iter()
+            .position(|r| phase(r) == MigrationPhase::Commit)
+        {
+            self.step(l, name, s, i).await?;
+        }
+        let mut turned = Vec::new();
+        for r in std::mem::take(&mut s.task.ranges) {
+            if phase(&r) != MigrationPhase::Move {
+                s.task.ranges.push(r);
+                continue;
+            }
+            let mv = range_move(&r)?;
+            self.change_cluster(l, name, |c| {
+                if stage_of(c, &mv, &task_id).is_none() {
+                    return Ok(None);
+                }
+                c.turn_back_move(&mv, &task_id).map(Some)
+            })
+            .await?;
+            let (c, _) = self.cluster(name).await?;
+            let back = Move {
+                range: mv.range,
+                from: mv.to,
+                to: mv.from,
+            };
+            turned.push(v1::RangeProgress {
+                r#move: Some(crate::plan::move_v1(
+                    &c,
+                    &back,
+                    (r.keys_moved, r.bytes_moved),
+                )),
+                phase: MigrationPhase::Move as i32,
+                reverse: true,
+                ..v1::RangeProgress::default()
+            });
+            changed = true;
+        }
         let in_flight = s
             .task
             .ranges
@@ -715,6 +766,7 @@ impl Runner {
             s.task.ranges.extend(back);
             changed = true;
         }
+        s.task.ranges.extend(turned);
         if changed {
             self.save(l, s).await?;
         }
