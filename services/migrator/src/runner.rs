@@ -479,28 +479,33 @@ impl Runner {
             if let Some(fresh) = self.tasks.get(&s.task.cluster, &s.task.id).await? {
                 if fresh.revision != s.revision {
                     s.task.rate = fresh.task.rate;
-                    let theirs = state(&fresh.task);
-                    if theirs == MigrationState::Paused {
-                        s.revision = fresh.revision;
+                    if matches!(
+                        state(&fresh.task),
+                        MigrationState::Paused | MigrationState::Cancelling
+                    ) {
                         s.task.state = fresh.task.state;
-                        s.task.keys_per_second = 0.0;
-                        s.task.bytes_per_second = 0.0;
-                        self.save(l, s).await?;
-                        return Err(Stop::Idle);
                     }
                     s.revision = fresh.revision;
-                    if theirs == MigrationState::Cancelling {
-                        s.task.state = fresh.task.state;
-                        if !s.task.ranges.iter().any(|r| r.reverse) {
-                            // Cancelled mid-move: the caller turns the
-                            // moves around rather than finish them (one
-                            // may never finish: its destination's replica
-                            // never confirming a copy).
-                            self.save(l, s).await?;
-                            return Ok(());
-                        }
-                    }
                 }
+            }
+            // Checked on the task's own state: a pause or cancel may also
+            // have come in through a save (which takes the operator's
+            // state), after which the record read above looks unchanged.
+            match state(&s.task) {
+                MigrationState::Paused => {
+                    s.task.keys_per_second = 0.0;
+                    s.task.bytes_per_second = 0.0;
+                    self.save(l, s).await?;
+                    return Err(Stop::Idle);
+                }
+                MigrationState::Cancelling if !s.task.ranges.iter().any(|r| r.reverse) => {
+                    // Cancelled mid-move: the caller turns the moves around
+                    // rather than finish them (one may never finish: its
+                    // destination's replica never confirming a copy).
+                    self.save(l, s).await?;
+                    return Ok(());
+                }
+                _ => {}
             }
             let (c, proxies) = self.cluster(name).await?;
             let limits = s.task.rate.unwrap_or_default();
