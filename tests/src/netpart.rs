@@ -89,8 +89,43 @@ fn nft(script: &str) -> Result<(), String> {
     }
 }
 
+/// The pid a leftover's name ends in (`redmesh_test_<pid>`) or carries
+/// (`redmesh-<pid>-<group>`), if that process is gone.
+fn dead_owner(name: &str) -> Option<u32> {
+    let pid: u32 = name
+        .strip_prefix("redmesh_test_")
+        .or_else(|| name.strip_prefix("redmesh-")?.split('-').next())?
+        .parse()
+        .ok()?;
+    (!Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
+}
+
+/// Removes what test processes that were killed (not failed: a failure
+/// drops its [`Partitions`]) left behind: their nft tables and their empty
+/// cgroups. Best effort.
+fn sweep_leftovers(mount: &Path) {
+    if let Ok(out) = Command::new("nft").args(["list", "tables"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(table) = line.strip_prefix("table inet ") {
+                if dead_owner(table).is_some() {
+                    let _ = nft(&format!("delete table inet {table}\n"));
+                }
+            }
+        }
+    }
+    if let Ok(dirs) = std::fs::read_dir(mount) {
+        for d in dirs.flatten() {
+            if dead_owner(&d.file_name().to_string_lossy()).is_some() {
+                // Fails, harmlessly, while a process still runs inside.
+                let _ = std::fs::remove_dir(d.path());
+            }
+        }
+    }
+}
+
 impl Partitions {
-    /// Ready to partition, or why this machine cannot.
+    /// Ready to partition, or why this machine cannot. Removes first what
+    /// killed test runs left behind.
     pub fn new() -> Result<Self, String> {
         let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| e.to_string())?;
         let mount = mounts
@@ -109,6 +144,7 @@ impl Partitions {
             })?
             .to_string_lossy()
             .into_owned();
+        sweep_leftovers(&mount);
         let table = format!("redmesh_test_{}", std::process::id());
         nft(&format!("add table inet {table}\n"))?;
         let p = Self {
@@ -198,5 +234,53 @@ impl Drop for Partitions {
         for g in &self.groups {
             let _ = std::fs::remove_dir(g);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pid of a process that has ended.
+    fn dead_pid() -> u32 {
+        let mut child = Command::new("true").spawn().expect("true runs");
+        let pid = child.id();
+        child.wait().expect("true ends");
+        pid
+    }
+
+    #[test]
+    fn only_leftovers_of_ended_processes_are_swept() {
+        let me = std::process::id();
+        let dead = dead_pid();
+        assert_eq!(dead_owner(&format!("redmesh_test_{me}")), None);
+        assert_eq!(dead_owner(&format!("redmesh-{me}-proxy-1")), None);
+        assert_eq!(dead_owner(&format!("redmesh_test_{dead}")), Some(dead));
+        assert_eq!(dead_owner(&format!("redmesh-{dead}-control")), Some(dead));
+        assert_eq!(dead_owner(&format!("redmesh_probe_{dead}")), None);
+        assert_eq!(dead_owner("system.slice"), None);
+    }
+
+    #[test]
+    fn a_killed_runs_table_and_groups_are_removed_by_the_next() {
+        // A first instance stands for the killed run (its drop is skipped,
+        // as a kill skips it); its names then carry a dead pid.
+        let Some(first) = Partitions::for_test() else {
+            return;
+        };
+        let dead = dead_pid();
+        let table = format!("redmesh_test_{dead}");
+        nft(&format!("add table inet {table}\n")).unwrap();
+        let group = first.mount.join(format!("redmesh-{dead}-proxy-0"));
+        std::fs::create_dir(&group).unwrap();
+        drop(first);
+        let _next = Partitions::new().unwrap();
+        let tables = Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap();
+        let tables = String::from_utf8_lossy(&tables.stdout).into_owned();
+        assert!(!tables.contains(&table), "{tables}");
+        assert!(!group.exists(), "{} stayed", group.display());
     }
 }
