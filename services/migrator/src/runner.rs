@@ -669,11 +669,10 @@ impl Runner {
             return Ok(());
         }
         let task_id = s.task.id.clone();
-        let mut changed = false;
         let mut keep = Vec::new();
         for r in std::mem::take(&mut s.task.ranges) {
             match phase(&r) {
-                MigrationPhase::Unspecified | MigrationPhase::Queued => changed = true,
+                MigrationPhase::Unspecified | MigrationPhase::Queued => {}
                 MigrationPhase::Prepare => {
                     if let Some(mv) = r.r#move.as_ref().and_then(|m| move_model(m).ok()) {
                         self.change_cluster(l, name, |c| {
@@ -681,7 +680,6 @@ impl Runner {
                         })
                         .await?;
                     }
-                    changed = true;
                 }
                 _ => keep.push(r),
             }
@@ -696,13 +694,12 @@ impl Runner {
         {
             self.step(l, name, s, i).await?;
         }
-        let mut turned = Vec::new();
-        for r in std::mem::take(&mut s.task.ranges) {
-            if phase(&r) != MigrationPhase::Move {
-                s.task.ranges.push(r);
-                continue;
-            }
-            let mv = range_move(&r)?;
+        // Moves under way turn around where they stand.
+        let (moving, done): (Vec<_>, Vec<_>) = std::mem::take(&mut s.task.ranges)
+            .into_iter()
+            .partition(|r| phase(r) == MigrationPhase::Move);
+        for r in &moving {
+            let mv = range_move(r)?;
             self.change_cluster(l, name, |c| {
                 if stage_of(c, &mv, &task_id).is_none() {
                     return Ok(None);
@@ -710,72 +707,31 @@ impl Runner {
                 c.turn_back_move(&mv, &task_id).map(Some)
             })
             .await?;
-            let (c, _) = self.cluster(name).await?;
-            let back = Move {
-                range: mv.range,
-                from: mv.to,
-                to: mv.from,
-            };
-            turned.push(v1::RangeProgress {
-                r#move: Some(crate::plan::move_v1(
-                    &c,
-                    &back,
-                    (r.keys_moved, r.bytes_moved),
-                )),
-                phase: MigrationPhase::Move as i32,
+        }
+        // Every range is done or turned around now: queue the ways back of
+        // the done ones, last first; the turned ones are moving back already.
+        let (c, _) = self.cluster(name).await?;
+        let back: Vec<v1::RangeProgress> = done
+            .iter()
+            .rev()
+            .filter_map(|r| way_back(&c, r, MigrationPhase::Queued))
+            .chain(
+                moving
+                    .iter()
+                    .filter_map(|r| way_back(&c, r, MigrationPhase::Move)),
+            )
+            .collect();
+        s.task.ranges = done;
+        // Even with nothing to move back, mark the plan as made.
+        if back.is_empty() {
+            s.task.ranges.push(v1::RangeProgress {
+                phase: MigrationPhase::Done as i32,
                 reverse: true,
                 ..v1::RangeProgress::default()
             });
-            changed = true;
         }
-        let in_flight = s
-            .task
-            .ranges
-            .iter()
-            .any(|r| phase(r) != MigrationPhase::Done);
-        if !in_flight {
-            let (c, _) = self.cluster(name).await?;
-            let back: Vec<v1::RangeProgress> = s
-                .task
-                .ranges
-                .iter()
-                .rev()
-                .filter_map(|r| {
-                    let m = r.r#move.as_ref()?;
-                    let mv = move_model(m).ok()?;
-                    let back = Move {
-                        range: mv.range,
-                        from: mv.to,
-                        to: mv.from,
-                    };
-                    Some(v1::RangeProgress {
-                        r#move: Some(crate::plan::move_v1(
-                            &c,
-                            &back,
-                            (r.keys_moved, r.bytes_moved),
-                        )),
-                        phase: MigrationPhase::Queued as i32,
-                        reverse: true,
-                        ..v1::RangeProgress::default()
-                    })
-                })
-                .collect();
-            // Even with nothing to move back, mark the plan as made.
-            if back.is_empty() {
-                s.task.ranges.push(v1::RangeProgress {
-                    phase: MigrationPhase::Done as i32,
-                    reverse: true,
-                    ..v1::RangeProgress::default()
-                });
-            }
-            s.task.ranges.extend(back);
-            changed = true;
-        }
-        s.task.ranges.extend(turned);
-        if changed {
-            self.save(l, s).await?;
-        }
-        Ok(())
+        s.task.ranges.extend(back);
+        self.save(l, s).await
     }
 
     /// All ranges done: return the leaving chunks (or, after a cancel, the
@@ -928,6 +884,31 @@ fn next_step(ranges: &[v1::RangeProgress]) -> Next {
         Some(i) => Next::Step(i),
         None => Next::Finish,
     }
+}
+
+/// The move of `r`'s range back to where it came from, at `phase`, with
+/// what `r` moved as its estimate.
+fn way_back(
+    c: &Cluster,
+    r: &v1::RangeProgress,
+    phase: MigrationPhase,
+) -> Option<v1::RangeProgress> {
+    let mv = move_model(r.r#move.as_ref()?).ok()?;
+    let back = Move {
+        range: mv.range,
+        from: mv.to,
+        to: mv.from,
+    };
+    Some(v1::RangeProgress {
+        r#move: Some(crate::plan::move_v1(
+            c,
+            &back,
+            (r.keys_moved, r.bytes_moved),
+        )),
+        phase: phase as i32,
+        reverse: true,
+        ..v1::RangeProgress::default()
+    })
 }
 
 /// Stage of `task`'s move of `mv.range`, if it is still marked.

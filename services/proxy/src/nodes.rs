@@ -554,7 +554,8 @@ async fn flush(node: &Backend) -> Result<(), String> {
 pub struct NodeTask {
     /// Its role.
     pub role: NodeRole,
-    /// Whether its shard owns slots ([`redmesh_model::Cluster::shard_owns_slots`]).
+    /// For a master: whether its shard owns slots
+    /// ([`redmesh_model::Cluster::shard_owns_slots`]).
     pub shard_owns_slots: bool,
     /// For a replica: its master's address, or why it is unknown.
     pub master: Option<Result<Address, String>>,
@@ -633,10 +634,8 @@ pub fn plan(view: &ProxyView) -> Plan {
                     _ => Vec::new(),
                 };
                 let shard_owns_slots = match &role {
-                    NodeRole::Master { shard } | NodeRole::Replica { shard, .. } => {
-                        cluster.shard_owns_slots(*shard)
-                    }
-                    NodeRole::Idle => false,
+                    NodeRole::Master { shard } => cluster.shard_owns_slots(*shard),
+                    _ => false,
                 };
                 NodeTask {
                     role,
@@ -729,13 +728,18 @@ pub async fn apply(
                         let may_start_empty = !task.shard_owns_slots && !seen.synced.contains(&key);
                         let outcome = async {
                             ensure_master(node, uid, shard, may_start_empty).await?;
-                            if was_served && !holds_shard(node, uid, shard).await? {
-                                return Err(lost_data(
-                                    node,
-                                    "after this proxy served it, so it is not claimed again",
-                                ));
-                            }
-                            if task.shard_owns_slots && !holds_shard(node, uid, shard).await? {
+                            // A node without its shard's data is not claimed
+                            // when it lost it: this process served it, or
+                            // (asked only then) a replica holds the data.
+                            if (was_served || task.shard_owns_slots)
+                                && !holds_shard(node, uid, shard).await?
+                            {
+                                if was_served {
+                                    return Err(lost_data(
+                                        node,
+                                        "after this proxy served it, so it is not claimed again",
+                                    ));
+                                }
                                 no_replica_holds(node, &task.replicas, remote, uid, shard).await?;
                             }
                             claim(node, uid, shard, may_start_empty).await?;
