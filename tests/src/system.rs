@@ -220,6 +220,13 @@ impl std::fmt::Debug for ProxyNode {
 }
 
 impl ProxyNode {
+    /// kill -9 of the proxy and both its Redis nodes: its host is lost.
+    pub fn kill_host(&mut self) {
+        self.child.as_mut().expect("a running proxy").kill();
+        self.redis[0].kill();
+        self.redis[1].kill();
+    }
+
     /// Starts the proxy process (again) following `brokers`.
     pub fn start(&mut self, brokers: &str) {
         let mut cmd = Command::new(bin_path("redmesh-proxy"));
@@ -519,6 +526,14 @@ impl System {
     pub fn proxy(&self, id: &str) -> &ProxyNode {
         self.proxies
             .iter()
+            .find(|p| p.id == id)
+            .unwrap_or_else(|| panic!("no proxy {id}"))
+    }
+
+    /// The proxy with id `id`, to stop or restart it.
+    pub fn proxy_mut(&mut self, id: &str) -> &mut ProxyNode {
+        self.proxies
+            .iter_mut()
             .find(|p| p.id == id)
             .unwrap_or_else(|| panic!("no proxy {id}"))
     }

@@ -776,10 +776,7 @@ async fn random_faults_under_writes_and_scaling_lose_no_acknowledged_write() {
                 let idx = random_member(&sys, &mut rng).await;
                 let id = sys.proxies[idx].id.clone();
                 {
-                    let p = &mut sys.proxies[idx];
-                    p.child.as_mut().unwrap().kill();
-                    p.redis[0].kill();
-                    p.redis[1].kill();
+                    sys.proxies[idx].kill_host();
                 }
                 eventually(
                     &format!("{id} replaced"),

@@ -129,12 +129,7 @@ async fn killed_proxy_is_failed_over_and_replaced_without_losing_acknowledged_wr
     // kill -9 the proxy owning shard 0 and both its Redis nodes.
     let victim_id = cluster.shards[0].master.as_ref().unwrap().proxy_id.clone();
     let killed_at = Instant::now();
-    {
-        let victim = sys.proxies.iter_mut().find(|p| p.id == victim_id).unwrap();
-        victim.child.as_mut().unwrap().kill();
-        victim.redis[0].kill();
-        victim.redis[1].kill();
-    }
+    sys.proxy_mut(&victim_id).kill_host();
 
     // The standby finishes what the first leader started.
     let (healed, proxies) = eventually(
@@ -606,6 +601,26 @@ async fn replica_that_never_synced_is_not_promoted_to_serve_an_empty_shard() {
     assert_eq!(reply, b"$2\r\nv1\r\n");
 }
 
+/// The first answer of `proxy` to `GET r0` that names `reason`; every
+/// answer until then must be `-CLUSTERDOWN` (an emptied node never
+/// answers).
+async fn refused_with(proxy: &str, reason: &str) -> String {
+    eventually(
+        &format!("GET r0 refused with {reason:?}"),
+        Duration::from_secs(20),
+        || async {
+            let reply = redmesh_e2e::harness::raw_exchange(proxy, b"GET r0\r\n").ok()?;
+            let text = String::from_utf8_lossy(&reply).into_owned();
+            assert!(
+                text.starts_with("-CLUSTERDOWN"),
+                "the emptied node answered: {text}"
+            );
+            text.contains(reason).then_some(text)
+        },
+    )
+    .await
+}
+
 /// A master node whose Redis restarted empty, and what it held.
 struct Emptied {
     /// The node.
@@ -654,8 +669,7 @@ async fn empty_a_master(sys: &mut System, cluster: &v1::Cluster) -> Emptied {
     // kill -9 of the master's Redis, restarted at once without its data
     // (no persistence), as a supervisor would restart it.
     {
-        let p = sys.proxies.iter_mut().find(|p| p.id == m.proxy_id).unwrap();
-        let node = &mut p.redis[m.node_index as usize];
+        let node = &mut sys.proxy_mut(&m.proxy_id).redis[m.node_index as usize];
         node.kill();
         node.restart();
     }
@@ -737,16 +751,7 @@ async fn a_master_redis_restarted_empty_is_not_served_and_its_replica_keeps_the_
     // Never an empty answer meanwhile: until the proxy's next check of the
     // node, the restarted Redis lacks the user client traffic runs as.
     let master_proxy = sys.proxy(&m.proxy_id).resp.clone();
-    let text = eventually("the node refused", Duration::from_secs(20), || async {
-        let reply = redmesh_e2e::harness::raw_exchange(&master_proxy, b"GET r0\r\n").ok()?;
-        let text = String::from_utf8_lossy(&reply).into_owned();
-        assert!(
-            text.starts_with("-CLUSTERDOWN"),
-            "the emptied node answered: {text}"
-        );
-        text.contains("lost this cluster's data").then_some(text)
-    })
-    .await;
+    let text = refused_with(&master_proxy, "lost this cluster's data").await;
     assert!(text.contains("not claimed again"), "{text}");
     assert_eq!(redis_cli(replica_port, &["DBSIZE"]), keys);
     assert_eq!(redis_cli(replica_port, &["GET", "r0"]), "v0");
@@ -758,24 +763,11 @@ async fn a_master_redis_restarted_empty_is_not_served_and_its_replica_keeps_the_
     // shard's replica holds the data.
     let broker = sys.broker.url();
     {
-        let p = sys.proxies.iter_mut().find(|p| p.id == m.proxy_id).unwrap();
+        let p = sys.proxy_mut(&m.proxy_id);
         p.child.as_mut().unwrap().kill();
         p.start(&broker);
     }
-    let text = eventually(
-        "the node refused by the new process",
-        Duration::from_secs(20),
-        || async {
-            let reply = redmesh_e2e::harness::raw_exchange(&master_proxy, b"GET r0\r\n").ok()?;
-            let text = String::from_utf8_lossy(&reply).into_owned();
-            assert!(
-                text.starts_with("-CLUSTERDOWN"),
-                "the emptied node answered: {text}"
-            );
-            text.contains("but its replica").then_some(text)
-        },
-    )
-    .await;
+    let text = refused_with(&master_proxy, "but its replica").await;
     assert!(text.contains("lost this cluster's data"), "{text}");
     // Nothing lets the replica in: the empty node has no replication user.
     assert_eq!(

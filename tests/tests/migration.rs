@@ -445,15 +445,18 @@ async fn scale_out_and_in_under_writes_loses_nothing() {
     assert_eq!(free, 2, "{proxies:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_source_proxy_killed_mid_task_fails_over_and_the_task_finishes() {
-    // Proxies 0-1 serve the cluster, 2-3 are the chunk it grows onto, 4-5
-    // one free proxy per host to replace the dead one.
-    let mut sys = System::start(6);
+/// A preloaded 4-node `replica_ack` cluster `name` with the control plane
+/// and a migrator running: proxies 0-1 serve it, 2-3 are the chunk it
+/// grows onto, 4-5 one free proxy per host to replace a dead one. The
+/// control plane stops when the returned handles are dropped.
+async fn preloaded_with_spares(
+    name: &str,
+) -> (System, v1::Cluster, ([Service; 3], Service), Service) {
+    let sys = System::start(6);
     sys.register_all().await;
     let cluster = sys
         .create_cluster(
-            "src",
+            name,
             4,
             v1::ClusterConfig {
                 durability: v1::Durability::ReplicaAck as i32,
@@ -462,9 +465,15 @@ async fn a_source_proxy_killed_mid_task_fails_over_and_the_task_finishes() {
             },
         )
         .await;
-    let (_checkers, _co) = sys.start_control_plane().await;
+    let control = sys.start_control_plane().await;
     let m = sys.start_migrator("mg-1", &[]);
     preload(&sys, &cluster).await;
+    (sys, cluster, control, m)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_proxy_killed_mid_task_fails_over_and_the_task_finishes() {
+    let (mut sys, cluster, _control, m) = preloaded_with_spares("src").await;
 
     // ~11,000 keys move at 2,000 keys/s: the kill comes mid-way.
     let (plan, task) = scale(&sys, "src", 8, 2000).await;
@@ -489,12 +498,7 @@ async fn a_source_proxy_killed_mid_task_fails_over_and_the_task_finishes() {
     // kill -9 the source proxy of the first range with both its Redis
     // nodes (its host dies): its replica on the partner is promoted, a free
     // proxy replaces it, and the range's pass starts over on the new master.
-    {
-        let v = sys.proxies.iter_mut().find(|p| p.id == victim).unwrap();
-        v.child.as_mut().unwrap().kill();
-        v.redis[0].kill();
-        v.redis[1].kill();
-    }
+    sys.proxy_mut(&victim).kill_host();
     // Paused while the coordinator fails over: the failover leaves the
     // cluster marked as migrated by the task, so a second scale and a
     // delete are refused meanwhile.
@@ -608,13 +612,18 @@ async fn no_key_moves_into_a_shard_whose_replica_never_confirms_even_under_async
     verify(&sys.members(&cluster)[0].resp).await;
 }
 
+/// The cluster's replication password, as its replicas give it.
+fn repl_password(sys: &System, cluster: &v1::Cluster) -> String {
+    let replica = &sys.members(cluster)[0].redis[1];
+    let auth = redis_cli(replica.port, &["CONFIG", "GET", "masterauth"]);
+    auth.lines().nth(1).unwrap().to_owned()
+}
+
 /// Gives the replication user on `node` the cluster's password but not
 /// `PSYNC`: the node's proxy, seeing the password right, leaves it so, and
 /// replicas of the node never sync.
 fn refuse_sync(sys: &System, cluster: &v1::Cluster, node: u16) {
-    let replica = &sys.members(cluster)[0].redis[1];
-    let auth = redis_cli(replica.port, &["CONFIG", "GET", "masterauth"]);
-    let pass = format!(">{}", auth.lines().nth(1).unwrap());
+    let pass = format!(">{}", repl_password(sys, cluster));
     let out = redis_cli(
         node,
         &[
@@ -633,24 +642,7 @@ fn refuse_sync(sys: &System, cluster: &v1::Cluster, node: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_shard_whose_master_dies_before_its_replica_synced_starts_over_empty() {
-    // Proxies 0-1 serve the cluster, 2-3 are the chunk it grows onto, 4-5
-    // one free proxy per host to replace the dead one.
-    let mut sys = System::start(6);
-    sys.register_all().await;
-    let cluster = sys
-        .create_cluster(
-            "orphan",
-            4,
-            v1::ClusterConfig {
-                durability: v1::Durability::ReplicaAck as i32,
-                replica_ack_timeout_ms: 500,
-                ..Default::default()
-            },
-        )
-        .await;
-    let (_checkers, _co) = sys.start_control_plane().await;
-    let m = sys.start_migrator("mg-1", &[]);
-    preload(&sys, &cluster).await;
+    let (mut sys, cluster, _control, m) = preloaded_with_spares("orphan").await;
 
     // The victim masters one of the new shards; that shard's replica, on
     // its partner, never syncs.
@@ -680,12 +672,7 @@ async fn a_new_shard_whose_master_dies_before_its_replica_synced_starts_over_emp
     // Its host dies. The shard owns no slots yet and every key copied into
     // it is still at its source, so the partner promotes the empty replica
     // rather than stop the task for good; a free proxy replaces the victim.
-    {
-        let v = sys.proxies.iter_mut().find(|p| p.id == victim).unwrap();
-        v.child.as_mut().unwrap().kill();
-        v.redis[0].kill();
-        v.redis[1].kill();
-    }
+    sys.proxy_mut(&victim).kill_host();
     let done = finished(&m, "orphan", &task).await;
     let t = done.task.clone().unwrap();
     assert_eq!(t.state, MigrationState::Completed as i32, "{t:?}");
@@ -740,13 +727,8 @@ async fn a_proxy_back_in_a_cluster_before_it_heard_it_left_serves_none_of_its_ol
     // again): its node 0 still holds the source shard's data, here as a
     // replica whose master is gone. The victim's process is down meanwhile,
     // so nothing wipes the node while it is free.
-    let v = sys.proxies.iter_mut().find(|p| p.id == victim).unwrap();
-    v.child.as_mut().unwrap().kill();
-    let auth = redis_cli(
-        sys.members(&cluster)[0].redis[1].port,
-        &["CONFIG", "GET", "masterauth"],
-    );
-    let password = auth.lines().nth(1).unwrap().to_owned();
+    sys.proxy_mut(&victim).child.as_mut().unwrap().kill();
+    let password = repl_password(&sys, &cluster);
     let out = redis_cli(
         stale_port,
         &[
@@ -779,11 +761,7 @@ async fn a_proxy_back_in_a_cluster_before_it_heard_it_left_serves_none_of_its_ol
     let (grown, task) = scale(&sys, "again", 8, 0).await;
     assert_eq!(grown.moves[0].to_proxy_id, victim, "{grown:?}");
     let broker = sys.broker.url();
-    sys.proxies
-        .iter_mut()
-        .find(|p| p.id == victim)
-        .unwrap()
-        .start(&broker);
+    sys.proxy_mut(&victim).start(&broker);
     let done = finished(&m, "again", &task).await;
     let t = done.task.clone().unwrap();
     assert_eq!(t.state, MigrationState::Completed as i32, "{t:?}");

@@ -296,14 +296,7 @@ async fn dashboards_and_alert_rules_query_what_the_services_export() {
         .expect("a chunk joined")
         .proxy_ids[0]
         .clone();
-    sys.proxies
-        .iter_mut()
-        .find(|p| p.id == victim)
-        .unwrap()
-        .child
-        .as_mut()
-        .unwrap()
-        .kill();
+    sys.proxy_mut(&victim).child.as_mut().unwrap().kill();
     // The failover histogram appears with the first promotion.
     let failed_over = || -> Result<(), String> {
         let text = http_get(&co.metrics, "/metrics")?;
