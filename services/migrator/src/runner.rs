@@ -210,6 +210,12 @@ impl Runner {
     /// Reads the task and advances it step by step.
     async fn drive(&self, l: &Leadership, cluster: &str, id: &str) -> Result<(), Stop> {
         let mut s = self.tasks.get(cluster, id).await?.ok_or(Stop::Idle)?;
+        if terminal(s.task.state) {
+            // Ended meanwhile (the supervisor may start a run from a listing
+            // older than the end). Its cluster no longer carries its mark,
+            // which the check below would take for an orphaned task.
+            return Err(Stop::Idle);
+        }
         let name = ClusterName::parse(cluster)
             .map_err(|e| Stop::Retry(format!("task of an invalid cluster name: {e}")))?;
         if let Some(why) = self.orphaned(&name, id).await? {
